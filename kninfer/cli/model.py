@@ -1,0 +1,47 @@
+"""`kninfer compress` and `kninfer info`: build a Kronecker student and show what it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kninfer.cli.output import console, print_layers
+
+
+def compress(
+    teacher: Annotated[str, typer.Option(help="Dense GPT-2 teacher: a hub name (gpt2), a directory or a .pt file.")],
+    out: Annotated[Path, typer.Option(help="Where to write the student: a directory (HF format) or FILE.pt.")],
+    preset: Annotated[str, typer.Option(help="kngpt2 (paper), krony-pt (MLP only), distil (every other layer), "
+                                             "or a JSON spec file.")] = "kngpt2",
+    tie_head: Annotated[bool, typer.Option(help="LM head reuses the Kronecker embedding (A @ (H @ Bᵀ)).")] = False,
+    init: Annotated[str | None, typer.Option(help="van-loan, van-loan-rescaled (krony-pt default) or pruning.")] = None,
+    target_params: Annotated[int | None, typer.Option(help="krony-pt: total parameters to aim for.")] = None,
+    rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.")] = 1,
+    odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
+) -> None:
+    """Compress a dense GPT-2 into a Kronecker student initialised by the nearest Kronecker product."""
+    from kninfer.modeling.compress import compress as build, count_parameters
+    from kninfer.modeling.io import load, save
+
+    dense, tokenizer = load(teacher)
+    with console.status(f"factoring with preset {preset}"):
+        student, rows = build(dense, preset, tie_head=tie_head, init=init, target_params=target_params,
+                              rank=rank, odd_base=odd_base)
+    print_layers(rows, count_parameters(dense), count_parameters(student), count_parameters(student, False))
+    save(student, out, tokenizer)
+    console.print(f"wrote {out}")
+
+
+def info(model: Annotated[str, typer.Argument(help="A saved model: directory, .pt file or hub name.")]) -> None:
+    """Show a model's Kronecker layers (shapes and parameters) and its totals."""
+    from kninfer.modeling.compress import count_parameters, report_rows
+    from kninfer.modeling.io import load
+
+    loaded, _ = load(model)
+    console.print(f"{model}: {type(loaded).__name__}, {loaded.config.n_layer} layers, d={loaded.config.n_embd}")
+    print_layers(report_rows(loaded), None, count_parameters(loaded), count_parameters(loaded, False))
+
+
+COMMANDS = [compress, info]

@@ -1,0 +1,1 @@
+"""Training: ILKD distillation, GLUE fine-tuning, baselines (kninfer.train)."""
