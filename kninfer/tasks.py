@@ -88,15 +88,17 @@ _BINARY = ("0", "1")
 _NLI2 = ("entailment", "not_entailment")
 
 TASKS: dict[str, GlueTask] = {task.name: task for task in (
-    GlueTask("cola", "CoLA", ("sentence",), "label", ("unacceptable", "acceptable"), (("matthews_correlation", matthews),),
-             tsv_labels=_BINARY, headerless=("source", "label", "original_label", "sentence")),
+    GlueTask("cola", "CoLA", ("sentence",), "label", ("unacceptable", "acceptable"),
+             (("matthews_correlation", matthews),), tsv_labels=_BINARY,
+             headerless=("source", "label", "original_label", "sentence")),
     GlueTask("sst2", "SST-2", ("sentence",), "label", ("negative", "positive"), (("accuracy", accuracy),),
              tsv_labels=_BINARY),
     GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("not_equivalent", "equivalent"),
              (("accuracy", accuracy), ("f1", f1)), tsv_labels=_BINARY),
     GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("not_duplicate", "duplicate"),
              (("accuracy", accuracy), ("f1", f1)), tsv_labels=_BINARY),
-    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None, (("pearson", pearson), ("spearmanr", spearman))),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None,
+             (("pearson", pearson), ("spearmanr", spearman))),
     GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
              (("accuracy", accuracy),), eval_splits=("dev_matched", "dev_mismatched")),
     GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, (("accuracy", accuracy),)),
