@@ -1,1 +1,5 @@
-"""Export to ONNX (kninfer.export)."""
+"""Export to ONNX (kninfer.export): factored Kronecker layers, KV cache, verification, int8, bundle writing."""
+
+from kninfer.export.bundle import ExportReport, export_bundle
+
+__all__ = ["ExportReport", "export_bundle"]

@@ -114,6 +114,31 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+class _ReshapeTail(torch.autograd.Function):
+    """Export-time reshape of the trailing dims: one ONNX Reshape with the constant target [0, ..., 0, *tail]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lead: int, tail: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(*x.shape[:lead], *tail)
+
+    @staticmethod
+    def symbolic(g, x, lead: int, tail: tuple[int, ...]):
+        target = [0] * lead + ([-1, *tail[1:]] if -1 not in tail else list(tail))  # torch's exporter wants a -1
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(target)))
+
+
+def reshape_tail(x: torch.Tensor, count: int, tail: tuple[int, ...]) -> torch.Tensor:
+    """Reshape the last `count` dims of x to `tail`, keeping the leading ones.
+
+    Under ONNX export the target is a constant whose 0s copy the leading dims, instead of the
+    Shape -> Gather -> Concat chain that `x.shape` would trace to.
+    """
+    lead = x.dim() - count
+    if torch.onnx.is_in_onnx_export():
+        return _ReshapeTail.apply(x, lead, tuple(tail))
+    return x.reshape(*x.shape[:lead], *tail)
+
+
 class KroneckerLinear(nn.Module):
     """y = (sum_k A_k ⊗ B_k) x + bias, computed as sum_k A_k X B_kᵀ in the cheaper order."""
 
@@ -146,7 +171,7 @@ class KroneckerLinear(nn.Module):
         rank: int = 1,
     ) -> KroneckerLinear:
         """The nearest Kronecker layer to nn.Linear-style `weight` (out, in) and `bias`."""
-        layer = cls(weight.shape[1], weight.shape[0], m1, n1, m2, n2, rank, bias is not None)
+        layer = cls(weight.shape[1], weight.shape[0], m1, n1, m2, n2, rank, bias is not None).to(weight.dtype)
         layer.load_dense(weight, bias)
         return layer
 
@@ -165,12 +190,22 @@ class KroneckerLinear(nn.Module):
         return kron_sum(self.A, self.B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        X = x.unflatten(-1, (self.n1, self.n2)).unsqueeze(-3)  # (..., 1, n1, n2)
-        if self.a_first:
-            Y = torch.matmul(torch.matmul(self.A, X), self.B.mT)
-        else:
-            Y = torch.matmul(self.A, torch.matmul(X, self.B.mT))
-        y = Y.sum(-3).flatten(-2)
+        # Every factor is MatMul's right-hand operand (one GEMM over all tokens in onnxruntime); the
+        # (k, i, j) permutations below touch parameters only and fold into constants at export.
+        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
+        if n2 == 1:  # B (m2, 1): y = x @ Aᵀ, then an inner-dimension-r MatMul with B
+            z = torch.matmul(x, self.A.permute(2, 1, 0).reshape(n1, m1 * r))  # column i1*r + k
+            Y = torch.matmul(reshape_tail(z, 1, (m1, r)), self.B[:, :, 0])  # (..., m1, m2)
+        elif m2 == 1:  # B (1, n2): contract n2 first, then x' @ Aᵀ over (j1, k)
+            Z = torch.matmul(reshape_tail(x, 1, (n1, n2)), self.B[:, 0, :].T)  # (..., n1, r)
+            return self._add_bias(torch.matmul(reshape_tail(Z, 2, (n1 * r,)), self.A.permute(2, 0, 1).reshape(n1 * r, m1)))
+        else:  # general shapes: X Bᵀ, then Aᵀ on the transposed (small, per-token) intermediate
+            X = reshape_tail(x, 1, (n1, n2)).unsqueeze(-3)  # (..., 1, n1, n2)
+            Z = torch.matmul(X, self.B.transpose(1, 2)).transpose(-1, -2)  # (..., r, m2, n1)
+            Y = torch.matmul(Z, self.A.transpose(1, 2)).sum(-3).transpose(-1, -2)  # (..., m1, m2)
+        return self._add_bias(reshape_tail(Y, 2, (m1 * m2,)))
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -219,14 +254,14 @@ class KroneckerEmbedding(nn.Module):
         return kron_sum(self.A, self.B.unsqueeze(1))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.A_t.index_select(1, input_ids.reshape(-1)).T  # (N, d/f * r)
-        table = torch.matmul(rows.unflatten(-1, (-1, self.rank)), self.B)  # (N, d/f, f)
+        rows = self.A_t.index_select(1, input_ids.reshape(-1)).T  # Gather(axis=1) on the shared A_t: (N, d/f * r)
+        table = torch.matmul(rows.reshape(-1, self.embedding_dim // self.f, self.rank), self.B)  # (N, d/f, f)
         return table.reshape(*input_ids.shape, self.embedding_dim)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head: logits = sum_k A_k @ (H @ B_kᵀ) with H = hidden.reshape(..., d/f, f)."""
-        projected = torch.matmul(hidden.unflatten(-1, (-1, self.f)), self.B.T)  # (..., d/f, r)
-        return torch.matmul(projected.flatten(-2), self.A_t)
+        projected = torch.matmul(reshape_tail(hidden, 1, (-1, self.f)), self.B.T)  # (..., d/f, r)
+        return torch.matmul(reshape_tail(projected, 2, (-1,)), self.A_t)
 
     def extra_repr(self) -> str:
         return f"vocab={self.num_embeddings}, d={self.embedding_dim}, f={self.f}, rank={self.rank}"

@@ -1,0 +1,24 @@
+"""optimum's ONNX configuration for `kngpt2`: GPT-2's inputs, outputs and tracing patches, registered by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optimum.exporters.onnx.convert import export
+from optimum.exporters.onnx.model_configs import GPT2OnnxConfig
+from optimum.exporters.tasks import TasksManager
+from transformers import PreTrainedModel
+
+TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}
+
+
+@TasksManager.create_register("onnx")("kngpt2", "text-generation", "text-generation-with-past", "text-classification")
+class KnGPT2OnnxConfig(GPT2OnnxConfig):
+    """KnGPT2 keeps GPT-2's graph interface; only some of its modules are Kronecker layers."""
+
+
+def export_onnx(model: PreTrainedModel, task: str, output: Path, opset: int) -> None:
+    """Trace `model` to `output` with optimum's patcher (traceable cache and masks for transformers 4.5x)."""
+    config = KnGPT2OnnxConfig(model.config, task=TASKS[task], use_past=task == "causal-lm",
+                              use_past_in_inputs=task == "causal-lm")
+    export(model, config, output, opset=opset)
