@@ -1,3 +1,157 @@
-"""CLI commands for this area; listed in COMMANDS and registered by kninfer.cli.main."""
+"""`kninfer generate`, `kninfer classify`, `kninfer eval`: run an exported bundle on onnxruntime, without torch."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside it).")]
+ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+stderr = Console(stderr=True)
+
+
+def generate(
+    bundle: BundleArg,
+    prompt: Annotated[list[str], typer.Option(help="Text to continue; '-' reads stdin; repeat for a batch.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to add to each prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy decoding; above 0 samples (1 = model's own).")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample among the most likely tokens holding this mass (1 = all).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages tokens already present (1 = off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sample.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (not printed); repeatable.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt only).")] = True,
+    threads: ThreadsOption = None,
+    truncate: Annotated[str, typer.Option(help="'left' drops a too-long prompt's start; 'none' makes it an error.")] = "none",
+) -> None:
+    """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
+    from kninfer.bundle import read_bundle
+    from kninfer.errors import KninferError
+    from kninfer.generate import Sampling
+    from kninfer.generate import generate as run_generation
+    from kninfer.session import CausalLM
+    from kninfer.tokenizer import load_tokenizer
+
+    if truncate not in ("none", "left"):
+        raise KninferError(f"--truncate is {truncate!r}: expected 'none' or 'left'")
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+    sampling.check()
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
+    info = read_bundle(bundle)
+    tokenizer = load_tokenizer(info.tokenizer_path)
+    model = CausalLM(info, threads=threads)
+    streaming = stream and len(prompts) == 1
+    result = run_generation(model, tokenizer, prompts, sampling, truncate=truncate == "left",
+                            on_text=_write if streaming else None)
+    if streaming:
+        _write("\n")
+    for number, text in enumerate(result.texts, 1):
+        if not streaming:
+            _write(f"[{number}] {text}\n" if len(prompts) > 1 else f"{text}\n")
+    stderr.print(result.summary(), highlight=False)
+
+
+def classify(
+    bundle: BundleArg,
+    text: Annotated[list[str] | None, typer.Option(help="A sentence to classify; repeatable.")] = None,
+    pair: Annotated[list[str] | None, typer.Option(help="The second sentence of each --text (pair tasks).")] = None,
+    file: Annotated[Path | None, typer.Option(help="A GLUE TSV (dev/test layout) to classify instead of --text.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write 'index<TAB>prediction' rows for --file here.")] = None,
+    task: Annotated[str | None, typer.Option(help="GLUE task of --file (default: the bundle's glue_task).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per onnxruntime call.")] = 16,
+    threads: ThreadsOption = None,
+) -> None:
+    """Classify sentences or pairs with a sequence-classification bundle; score a labelled TSV."""
+    import numpy as np
+    from rich.progress import Progress
+
+    from kninfer.bundle import read_bundle
+    from kninfer.classify import classify as run_classifier
+    from kninfer.classify import predict
+    from kninfer.errors import KninferError
+    from kninfer.session import Classifier
+    from kninfer.tokenizer import load_tokenizer
+
+    if (file is None) == (not text):
+        raise KninferError("give either --text (with --pair for pairs) or --file, not both and not neither")
+    if pair and len(pair) != len(text or []):
+        raise KninferError(f"{len(pair)} --pair for {len(text or [])} --text: give one --pair per --text")
+    if batch_size < 1:
+        raise KninferError(f"--batch-size is {batch_size}: expected 1 or more")
+    info = read_bundle(bundle)
+    model = Classifier(info, threads=threads)
+    tokenizer = load_tokenizer(info.tokenizer_path)
+    gold = glue = None
+    if file is not None:
+        from kninfer.tasks import get_task, read_glue_tsv
+
+        if not (task or info.glue_task):
+            raise KninferError(f"'{info.directory}' names no glue_task: pass --task to read '{file}'")
+        glue = get_task(task or info.glue_task)
+        inputs, gold = read_glue_tsv(file, glue)
+        if not inputs:
+            raise KninferError(f"'{file}' has no rows to classify")
+    else:
+        inputs = [(t, p) for t, p in zip(text, pair)] if pair else [(t,) for t in text]
+    with Progress(console=stderr, transient=True) as progress:
+        bar = progress.add_task("classifying", total=len(inputs))
+        logits = run_classifier(model, tokenizer, inputs, batch_size, lambda n: progress.advance(bar, n))
+    values, names = predict(model, logits)
+    if file is None:
+        for name in names:
+            print(name)
+        return
+    if out is not None:
+        from kninfer.atomic import atomic_path
+
+        with atomic_path(out) as tmp:
+            tmp.write_text("index\tprediction\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(names)),
+                           encoding="utf-8")
+        stderr.print(f"wrote {out}")
+    if gold is not None:
+        scores = glue.metrics(np.asarray(values), gold)
+        print(f"{glue.name} {file.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" ({len(gold)} rows)")
+
+
+def eval_(
+    bundle: BundleArg,
+    text_file: Annotated[Path, typer.Option(help="UTF-8 text to score as one token stream (e.g. wiki.test.raw).")],
+    stride: Annotated[int | None, typer.Option(help="Tokens between window starts (default: half the context).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Window length in tokens (default: the context).")] = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Sliding-window perplexity of a causal-LM bundle on a text file."""
+    from rich.progress import Progress
+
+    from kninfer.bundle import read_bundle
+    from kninfer.errors import KninferError
+    from kninfer.perplexity import perplexity
+    from kninfer.session import CausalLM
+    from kninfer.tokenizer import encode, load_tokenizer
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise KninferError(f"cannot read '{text_file}' as UTF-8 text: {error}") from None
+    info = read_bundle(bundle)
+    model = CausalLM(info, threads=threads)
+    ids = encode(load_tokenizer(info.tokenizer_path), text)
+    with Progress(console=stderr, transient=True) as progress:
+        bar = progress.add_task("scoring", total=max(len(ids) - 1, 1))
+        result = perplexity(model, ids, stride, max_length, lambda n: progress.advance(bar, n))
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats over {result.tokens} tokens of "
+          f"{text_file.name})")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+eval_.__name__ = "eval"  # the command's name (typer reads __name__); `eval` itself would shadow the builtin
+COMMANDS = [generate, classify, eval_]

@@ -1,0 +1,70 @@
+"""Sentence and sentence-pair classification with a sequence-classification bundle, numpy only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from kninfer.errors import KninferError
+from kninfer.session import Classifier
+
+
+def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: int) -> list[list[int]]:
+    """Token ids per input: a sentence, or a pair joined as the fast tokenizer joins it (`tokenizer(a, b)`).
+
+    Inputs longer than the context lose tokens from the longer side first, as `truncation=True` does.
+    """
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation settings stay local
+    tokenizer.enable_truncation(max_length=context, strategy="longest_first")
+    encoded = []
+    for number, texts in enumerate(inputs, 1):
+        if not 1 <= len(texts) <= 2:
+            raise KninferError(f"input {number} has {len(texts)} texts: expected a sentence or a pair")
+        ids = tokenizer.encode(*texts, add_special_tokens=False).ids
+        if not ids:
+            raise KninferError(f"input {number} is empty: expected some text to classify")
+        encoded.append(ids)
+    return encoded
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (batch, longest) with padding on the right: the classifier pools the last token."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, np.int64)
+    mask = np.zeros((len(sequences), width), np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ...]], batch_size: int = 16,
+             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Logits (len(inputs), num_labels); inputs of similar length share a batch to pad little."""
+    encoded = encode_inputs(tokenizer, inputs, model.bundle.context_length)
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    logits: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = model.forward(*right_pad([encoded[i] for i in chunk], model.bundle.pad_token_id))
+        if logits is None:
+            logits = np.empty((len(encoded), batch.shape[-1]), np.float32)
+        logits[chunk] = batch
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return logits
+
+
+def predict(model: Classifier, logits: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Predicted class ids (argmax) or regression scores, and the same as text: label names or numbers."""
+    labels = model.bundle.labels
+    if labels is None:
+        scores = logits[:, 0]
+        return scores, [f"{score:.4f}" for score in scores.tolist()]
+    if logits.shape[-1] != len(labels):
+        raise KninferError(f"'{model.bundle.onnx_path}' returns {logits.shape[-1]} logits but kninfer.json lists "
+                           f"{len(labels)} labels")
+    ids = logits.argmax(axis=-1)
+    return ids, [labels[i] for i in ids.tolist()]
