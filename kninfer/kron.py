@@ -199,10 +199,10 @@ class KroneckerLinear(nn.Module):
         elif m2 == 1:  # B (1, n2): contract n2 first, then x' @ Aᵀ over (j1, k)
             Z = torch.matmul(reshape_tail(x, 1, (n1, n2)), self.B[:, 0, :].T)  # (..., n1, r)
             return self._add_bias(torch.matmul(reshape_tail(Z, 2, (n1 * r,)), self.A.permute(2, 0, 1).reshape(n1 * r, m1)))
-        else:  # general shapes: X Bᵀ, then Aᵀ on the transposed (small, per-token) intermediate
-            X = reshape_tail(x, 1, (n1, n2)).unsqueeze(-3)  # (..., 1, n1, n2)
-            Z = torch.matmul(X, self.B.transpose(1, 2)).transpose(-1, -2)  # (..., r, m2, n1)
-            Y = torch.matmul(Z, self.A.transpose(1, 2)).sum(-3).transpose(-1, -2)  # (..., m1, m2)
+        else:  # general shapes: X Bᵀ, then Aᵀ on the transposed per-token intermediate; 2-D weights only
+            Z = torch.matmul(reshape_tail(x, 1, (n1, n2)), self.B.permute(2, 1, 0).reshape(n2, m2 * r))
+            Z = reshape_tail(Z.transpose(-1, -2), 2, (m2, r * n1))  # row i2, column k*n1 + j1
+            Y = torch.matmul(Z, self.A.permute(0, 2, 1).reshape(r * n1, m1)).transpose(-1, -2)  # (..., m1, m2)
         return self._add_bias(reshape_tail(Y, 2, (m1 * m2,)))
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
