@@ -166,7 +166,7 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling
         for row, token in zip(rows, tokens.tolist()):
             if not row.done:
                 _append(row, token, tokenizer, bundle.eos_token_id, sampling)
-        if mask.shape[1] >= bundle.context_length:  # the context is full: no position left for another token
+        if mask.shape[1] + 1 >= bundle.context_length:  # prompt and new tokens fill the context
             for row in rows:
                 row.done = True
         if on_text is not None:

@@ -1,0 +1,234 @@
+"""The torch-free runtime against transformers on tiny exported bundles: generation, perplexity, classification, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kninfer.bundle import read_bundle
+from kninfer.errors import KninferError
+from kninfer.generate import Sampling, generate, left_pad
+from kninfer.perplexity import perplexity
+from kninfer.session import CausalLM
+from kninfer.tokenizer import decode, encode, load_tokenizer
+
+PROMPTS = ["Hello, my name is", "The capital of France", "In 1905 Einstein published four papers on"]
+NEW_TOKENS = 12
+
+
+def _export(model, path: Path, tokenizer, task: str = "causal-lm") -> Path:
+    from kninfer.export.bundle import export_bundle
+
+    export_bundle(model, path / "model.onnx", task=task, tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+                  verify=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_bundle(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> Path:
+    return _export(tiny_teacher, tmp_path_factory.mktemp("gpt2"), gpt2_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def kngpt2(tiny_teacher):
+    from kninfer.modeling.compress import compress
+
+    student, _ = compress(tiny_teacher, "kngpt2")
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def kngpt2_bundle(tmp_path_factory, kngpt2, gpt2_tokenizer) -> Path:
+    return _export(kngpt2, tmp_path_factory.mktemp("kngpt2"), gpt2_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_teacher, kngpt2, gpt2_bundle, kngpt2_bundle):
+    """(torch model, runtime model) for plain GPT-2 and KnGPT2."""
+    return {"gpt2": (tiny_teacher, CausalLM(read_bundle(gpt2_bundle), threads=1)),
+            "kngpt2": (kngpt2, CausalLM(read_bundle(kngpt2_bundle), threads=1))}
+
+
+def _hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """transformers' greedy generate() on a left-padded batch: the new tokens of each row, cut at EOS."""
+    ids, mask = left_pad([tokenizer.encode(p) for p in prompts], 50256)
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, pad_token_id=50256)
+    rows = out[:, ids.shape[1]:].tolist()
+    return [row[:row.index(50256)] if 50256 in row else row for row in rows]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "kngpt2"])
+def test_greedy_matches_transformers_batch_1_and_3(models, gpt2_tokenizer, kind):
+    """Exact token equality with transformers' greedy decoding, one prompt at a time and left-padded together."""
+    torch_model, model = models[kind]
+    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+    sampling = Sampling(max_new_tokens=NEW_TOKENS)
+    for prompt in PROMPTS:
+        assert generate(model, tokenizer, [prompt], sampling).token_ids == _hf_greedy(torch_model, gpt2_tokenizer, [prompt])
+    batch = generate(model, tokenizer, PROMPTS, sampling)
+    assert batch.token_ids == _hf_greedy(torch_model, gpt2_tokenizer, PROMPTS)
+    assert batch.texts == [gpt2_tokenizer.decode(ids) for ids in batch.token_ids]
+
+
+def test_sampling_seeded_and_top_k_1_is_greedy(models):
+    _, model = models["gpt2"]
+    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+    greedy = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS)).token_ids
+    top1 = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS, temperature=1.5, top_k=1, seed=3))
+    assert top1.token_ids == greedy
+    sampled = Sampling(max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=7)
+    first, again = (generate(model, tokenizer, PROMPTS, sampled).token_ids for _ in range(2))
+    assert first == again
+    other = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=8))
+    assert other.token_ids != first  # a random tiny model's distribution is near uniform: seeds differ
+
+
+def test_stop_strings_and_streaming(models):
+    _, model = models["gpt2"]
+    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+    full = generate(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=NEW_TOKENS)).texts[0]
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    pieces: list[str] = []
+    cut = generate(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=NEW_TOKENS, stop=(stop,)), on_text=pieces.append)
+    assert cut.texts[0] == full[:full.index(stop)]
+    assert "".join(pieces) == cut.texts[0]
+
+
+def test_truncate_left_and_context_limit(models):
+    _, model = models["gpt2"]
+    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+    context = model.bundle.context_length
+    long_prompt = " word" * (context + 10)
+    with pytest.raises(KninferError, match="context"):
+        generate(model, tokenizer, [long_prompt], Sampling(max_new_tokens=4))
+    result = generate(model, tokenizer, [long_prompt], Sampling(max_new_tokens=4), truncate=True)
+    assert result.prompt_tokens == context - 4 and len(result.token_ids[0]) == 4
+    near_full = " word" * (context - 3)  # room for 3 new tokens only
+    assert len(generate(model, tokenizer, [near_full], Sampling(max_new_tokens=10)).token_ids[0]) == 3
+
+
+def test_tokenizer_round_trips_utf8(gpt2_bundle, gpt2_tokenizer):
+    tokenizer = load_tokenizer(read_bundle(gpt2_bundle).tokenizer_path)
+    text = "Grüße, 世界! 🤖 <|endoftext|> tabs\tand\nnewlines  "
+    assert encode(tokenizer, text) == gpt2_tokenizer.encode(text)
+    assert decode(tokenizer, encode(tokenizer, text)) == text
+
+
+def _torch_perplexity(model, ids: list[int], max_length: int, stride: int) -> float:
+    """The Hugging Face sliding-window recipe, weighting each window's mean loss by its scored tokens."""
+    nll, count, previous_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        window = torch.tensor([ids[begin:end]])
+        labels = window.clone()
+        labels[:, :-(end - previous_end)] = -100
+        scored = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            nll += model(window, labels=labels).loss.item() * scored
+        count, previous_end = count + scored, end
+        if end == len(ids):
+            break
+    return float(np.exp(nll / count))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "kngpt2"])
+def test_perplexity_matches_torch(models, data_dir, gpt2_tokenizer, kind):
+    torch_model, model = models[kind]
+    text = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:3000]
+    ids = gpt2_tokenizer.encode(text)
+    for stride in (48, 128):
+        ours = perplexity(model, ids, stride=stride).perplexity
+        reference = _torch_perplexity(torch_model, ids, model.bundle.context_length, stride)
+        assert ours == pytest.approx(reference, rel=1e-3)
+
+
+def test_runtime_imports_neither_torch_nor_transformers(gpt2_bundle):
+    """`kninfer generate` runs in a process where importing torch or transformers fails."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'optimum', 'onnx'):\n"
+        "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+        "from kninfer.cli import main\n"
+        f"sys.argv = ['kninfer', 'generate', {str(gpt2_bundle)!r}, '--prompt', 'Hello', '--max-new-tokens', '5']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "5 new tokens" in done.stderr
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `kninfer ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, "-c", "from kninfer.cli import main; main()", *args],
+                          capture_output=True, text=True, input=stdin, timeout=120)
+
+
+def test_cli_generate_stdin_and_batch(gpt2_bundle, models):
+    _, model = models["gpt2"]
+    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+    expected = generate(model, tokenizer, PROMPTS[:2], Sampling(max_new_tokens=6)).texts
+    piped = _cli("generate", str(gpt2_bundle / "model.onnx"), "--prompt", "-", "--max-new-tokens", "6", stdin=PROMPTS[0])
+    assert piped.returncode == 0 and piped.stdout == expected[0] + "\n"
+    assert "prompt 5 tokens, 6 new tokens" in piped.stderr and "tokens/s" in piped.stderr
+    batch = _cli("generate", str(gpt2_bundle), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6")
+    assert batch.returncode == 0 and batch.stdout == f"[1] {expected[0]}\n[2] {expected[1]}\n"
+
+
+def _broken_bundles(source: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Bundle copies, each broken one way, with the text its error line must contain."""
+    cases = {}
+    for name in ("no_json", "bad_json", "wrong_format", "corrupt_onnx", "no_tokenizer", "wrong_layers"):
+        shutil.copytree(source, root / name)
+        cases[name] = root / name
+    (cases["no_json"] / "kninfer.json").unlink()
+    (cases["bad_json"] / "kninfer.json").write_text("{not json")
+    meta = json.loads((source / "kninfer.json").read_text())
+    (cases["wrong_format"] / "kninfer.json").write_text(json.dumps({**meta, "format_version": 99}))
+    (cases["corrupt_onnx"] / "model.onnx").write_bytes(b"\x00garbage" * 100)
+    (cases["no_tokenizer"] / "tokenizer.json").unlink()
+    kv = {**meta["kv_cache"], "num_layers": 2}
+    (cases["wrong_layers"] / "kninfer.json").write_text(json.dumps({**meta, "kv_cache": kv}))
+    return {
+        "missing": (root / "nowhere", "does not exist"),
+        "no_json": (cases["no_json"], "kninfer.json' is missing"),
+        "bad_json": (cases["bad_json"], "not valid JSON"),
+        "wrong_format": (cases["wrong_format"], "format_version 99"),
+        "corrupt_onnx": (cases["corrupt_onnx"], "not a loadable ONNX model"),
+        "no_tokenizer": (cases["no_tokenizer"], "tokenizer.json' is missing"),
+        "wrong_layers": (cases["wrong_layers"], "does not match its kninfer.json"),
+    }
+
+
+def test_cli_bad_input_is_one_line_exit_2(gpt2_bundle, tmp_path):
+    runs = [(_cli("generate", str(path), "--prompt", "Hi"), expected)
+            for path, expected in _broken_bundles(gpt2_bundle, tmp_path).values()]
+    runs.append((_cli("generate", str(gpt2_bundle), "--prompt", ""), "prompt 1 is empty"))
+    runs.append((_cli("generate", str(gpt2_bundle), "--prompt", " x" * 200), "context is 128"))
+    runs.append((_cli("generate", str(gpt2_bundle), "--prompt", "x", "--top-p", "0"), "--top-p is 0.0"))
+    runs.append((_cli("eval", str(gpt2_bundle), "--text-file", str(tmp_path / "none.txt")), "cannot read"))
+    runs.append((_cli("classify", str(gpt2_bundle), "--text", "x"), "classify needs sequence-classification"))
+    for done, expected in runs:
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and expected in done.stderr
+        assert done.stdout == ""
+
+
+def test_cli_eval_matches_library(gpt2_bundle, models, tmp_path, data_dir):
+    _, model = models["gpt2"]
+    text = (data_dir / "moby-dick" / "moby-dick.txt").read_text(encoding="utf-8")[:2000]
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ids = encode(load_tokenizer(model.bundle.tokenizer_path), text)
+    expected = perplexity(model, ids, stride=32)
+    done = _cli("eval", str(gpt2_bundle), "--text-file", str(tmp_path / "t.txt"), "--stride", "32")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"perplexity {expected.perplexity:.4f} ") and f"{expected.tokens} tokens" in done.stdout
+
