@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from optimum.exporters.onnx.convert import export
@@ -21,4 +22,6 @@ def export_onnx(model: PreTrainedModel, task: str, output: Path, opset: int) -> 
     """Trace `model` to `output` with optimum's patcher (traceable cache and masks for transformers 4.5x)."""
     config = KnGPT2OnnxConfig(model.config, task=TASKS[task], use_past=task == "causal-lm",
                               use_past_in_inputs=task == "causal-lm")
-    export(model, config, output, opset=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python control flow that optimum's patches handle
+        export(model, config, output, opset=opset)

@@ -1,0 +1,158 @@
+"""ONNX export: the graph keeps Kronecker layers factored, and onnxruntime matches PyTorch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from kninfer.errors import KninferError
+from kninfer.export import export_bundle
+from kninfer.export.verify import verify_causal_lm, verify_classifier
+from kninfer.kron import KroneckerEmbedding, KroneckerLinear
+from kninfer.modeling.compress import compress
+from kninfer.modeling.gpt2 import dense_weight
+
+TOL = 1e-4  # fp32 onnxruntime vs PyTorch, max |Δlogits|
+
+
+@pytest.fixture(scope="module")
+def models(tiny_teacher):
+    """The four model kinds the exporter serves, all from the same tiny teacher."""
+    return {
+        "kngpt2-tied": compress(tiny_teacher, "kngpt2", tie_head=True)[0].eval(),
+        "kngpt2": compress(tiny_teacher, "kngpt2")[0].eval(),
+        "krony-pt": compress(tiny_teacher, "krony-pt")[0].eval(),
+        "gpt2": tiny_teacher,
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+    """Each model exported once (fp32, no built-in verification: the tests verify)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    return {name: export_bundle(m, folder / name / "model.onnx", verify=False).onnx_path for name, m in models.items()}
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def holding(inits: dict[str, np.ndarray], values: torch.Tensor) -> list[str]:
+    """Initializers holding exactly these values in some arrangement (sorted values compared)."""
+    want = np.sort(values.detach().numpy().ravel())
+    return [k for k, v in inits.items() if v.size == want.size and np.allclose(np.sort(v.ravel()), want, atol=1e-7)]
+
+
+def test_kronecker_layers_stay_factored(models, exported):
+    model, path = models["kngpt2-tied"], exported["kngpt2-tied"]
+    graph = onnx.load(str(path)).graph
+    inits = initializers(path)
+    matmul_weights = {n.input[1] for n in graph.node if n.op_type == "MatMul"}
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, KroneckerLinear)]
+    assert len(layers) == 12  # 2 odd layers × (q, k, v, attn proj, fc, mlp proj)
+    for path_, layer in layers:
+        assert not holding(inits, dense_weight(model, path_)[0]), f"{path_}: dense weight in the graph"
+        for factor in (layer.A, layer.B):
+            names = holding(inits, factor)
+            assert names and set(names) & matmul_weights, f"{path_}: factor is not a MatMul's right-hand input"
+    print(f"\nkngpt2 --tie-head tiny graph: {len(graph.node)} nodes")
+
+
+def test_no_4d_transpose_outside_attention(exported):
+    graph = onnx.load(str(exported["kngpt2-tied"])).graph
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(exported["kngpt2-tied"]))).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]}
+    for node in graph.node:
+        if node.op_type == "Transpose" and ranks.get(node.input[0]) == 4:
+            assert not any(part in node.name for part in ("/c_attn/", "/c_proj/", "/mlp/", "/wte/", "lm_head")), node.name
+
+
+def test_tied_factor_stored_once(models, exported):
+    graph = onnx.load(str(exported["kngpt2-tied"])).graph
+    embedding: KroneckerEmbedding = models["kngpt2-tied"].transformer.wte
+    (name,) = holding(initializers(exported["kngpt2-tied"]), embedding.A_t)
+    users = [n for n in graph.node if name in n.input]
+    assert sorted(n.op_type for n in users) == ["Gather", "MatMul"]
+    gather = next(n for n in users if n.op_type == "Gather")
+    assert gather.attribute[0].i == 1 and next(n for n in users if n.op_type == "MatMul").input[1] == name
+    vocab, d = embedding.num_embeddings, embedding.embedding_dim
+    assert all(v.size < vocab * d for v in initializers(exported["kngpt2-tied"]).values())
+
+
+def test_dense_variant_has_the_full_weights(models, tmp_path):
+    model = models["kngpt2-tied"]
+    path = export_bundle(model, tmp_path / "dense.onnx", variant="dense", verify=False).onnx_path
+    inits = initializers(path)
+    for layer in ("transformer.h.1.mlp.c_fc", "transformer.h.3.attn.c_proj", "transformer.wte"):
+        assert holding(inits, dense_weight(model, layer)[0]), layer
+    assert verify_causal_lm(model, str(path), lengths=[5, 2]).max_abs_diff <= TOL
+
+
+@pytest.mark.parametrize("name", ["kngpt2-tied", "kngpt2", "krony-pt", "gpt2"])
+@pytest.mark.parametrize("lengths", [[6], [6, 3, 1]], ids=["batch1", "batch3-left-padded"])
+def test_onnxruntime_matches_torch(models, exported, name, lengths):
+    result = verify_causal_lm(models[name], str(exported[name]), lengths=lengths, steps=3)
+    assert result.max_abs_diff <= TOL
+
+
+def test_classification_graph(tiny_teacher, tmp_path):
+    from kninfer.modeling import KnGPT2Config, KnGPT2ForSequenceClassification
+
+    student = compress(tiny_teacher, "kngpt2", tie_head=True)[0]
+    config = KnGPT2Config(**{**student.config.to_dict(), "num_labels": 2, "pad_token_id": 50256,
+                             "architectures": ["KnGPT2ForSequenceClassification"]})
+    torch.manual_seed(1)
+    classifier = KnGPT2ForSequenceClassification(config).eval()
+    report = export_bundle(classifier, tmp_path / "cls.onnx", task="sequence-classification", verify=False)
+    assert verify_classifier(classifier, str(report.onnx_path), lengths=[7, 4, 1]).max_abs_diff <= TOL
+    meta = json.loads((tmp_path / "kninfer.json").read_text())
+    assert meta["task"] == "sequence-classification" and meta["kv_cache"] is None and len(meta["labels"]) == 2
+
+
+def test_int8_reads_the_int8_table(models, tmp_path):
+    model = models["kngpt2-tied"]
+    report = export_bundle(model, tmp_path / "int8.onnx", variant="int8", verify=False)
+    assert report.int8_agreement > 0
+    print(f"\nint8 top-1 agreement with fp32 (random tiny model, sample ids): {report.int8_agreement:.1%}")
+    vocab, d = model.config.vocab_size, model.config.n_embd
+    floats = [v for v in initializers(report.onnx_path).values() if v.dtype == np.float32]
+    assert all(v.size < vocab * d // 2 for v in floats), "the fp32 embedding factor is still stored"
+
+
+def test_bundle_files(models, tmp_path, gpt2_tokenizer):
+    tokenizer_json = gpt2_tokenizer.backend_tokenizer.to_str()
+    export_bundle(models["kngpt2"], tmp_path / "m.onnx", tokenizer_json=tokenizer_json, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kninfer.json", "m.onnx", "tokenizer.json"]
+    meta = json.loads((tmp_path / "kninfer.json").read_text())
+    assert meta["onnx_file"] == "m.onnx" and meta["model_type"] == "kngpt2" and meta["variant"] == "fp32"
+    assert meta["kv_cache"]["num_layers"] == 4 and meta["kv_cache"]["head_dim"] == 8
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert props == meta
+
+
+def test_failed_verification_writes_nothing(models, tmp_path, monkeypatch):
+    monkeypatch.setattr("kninfer.export.verify.TOLERANCE", -1.0)
+    with pytest.raises(KninferError, match="verification failed"):
+        export_bundle(models["kngpt2"], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["corrupt-pt", "no-config", "unknown-task"])
+def test_cli_bad_input_exits_2(case, tmp_path, tiny_teacher_dir):
+    source = {"corrupt-pt": tmp_path / "bad.pt", "no-config": tmp_path / "empty", "unknown-task": tiny_teacher_dir}
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    args = ["--task", "translation"] if case == "unknown-task" else []
+    result = subprocess.run([sys.executable, "-c", "from kninfer.cli import main; main()", "export", str(source[case]), str(out / "m.onnx"),
+                             *args], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() or list(out.iterdir()) == []
