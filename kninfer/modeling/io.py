@@ -84,10 +84,10 @@ def _load_pt(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | Non
     except pickle.UnpicklingError as error:
         raise KninferError(
             f"'{path}' is refused: it holds pickled objects beyond tensors and plain data, "
-            f"which could run code ({str(error).splitlines()[0]})"
+            f"which could run code ({_first_line(error)})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise KninferError(f"'{path}' is not a readable checkpoint: {str(error).splitlines()[0]}") from None
+        raise KninferError(f"'{path}' is not a readable checkpoint: {_first_line(error)}") from None
     if not isinstance(payload, dict) or payload.get("format") != PT_FORMAT:
         raise KninferError(f"'{path}' is not a kninfer checkpoint (no \"format\": \"{PT_FORMAT}\" entry)")
     config_dict = dict(payload["config"])
@@ -96,9 +96,13 @@ def _load_pt(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | Non
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
-        raise KninferError(f"'{path}': weights do not match its config: {str(error).splitlines()[0]}") from None
+        raise KninferError(f"'{path}': weights do not match its config: {_first_line(error)}") from None
     tokenizer = _tokenizer_from_payload(payload["tokenizer"]) if "tokenizer" in payload else None
     return model.eval(), tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _tokenizer_payload(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:

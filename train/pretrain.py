@@ -1,0 +1,66 @@
+"""Train a small GPT-2 from scratch on a text corpus, with its own byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainingArguments
+
+from kninfer.modeling.io import save
+from kninfer.train.data import lm_blocks, load_lm_text
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer (round-trips any UTF-8 text) trained on `texts`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return GPT2TokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def pretrain(
+    data: str, out: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int = 4, vocab_size: int = 8192,
+    block_size: int = 256, epochs: float = 1.0, max_steps: int = -1, batch_size: int = 16, lr: float = 1e-3,
+    seed: int = 0, eval_data: str | None = None, dtype: str = "float32",
+) -> GPT2LMHeadModel:
+    """Train a GPT-2 of the given shape from scratch on `data` (train split) and save it to `out`."""
+    torch.manual_seed(seed)
+    text = load_lm_text(data, "train")
+    tokenizer = train_tokenizer((row["text"] for row in text), vocab_size)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    train_blocks = lm_blocks(text, tokenizer, block_size)
+    eval_blocks = lm_blocks(load_lm_text(eval_data or data, "valid"), tokenizer, block_size) if eval_data or Path(data).is_dir() else None
+    args = TrainingArguments(
+        output_dir=str(out) + ".checkpoints", per_device_train_batch_size=batch_size, learning_rate=lr,
+        num_train_epochs=epochs, max_steps=max_steps, lr_scheduler_type="cosine", warmup_ratio=0.05,
+        weight_decay=0.1, adam_beta2=0.95, logging_steps=20, save_steps=200, save_total_limit=1,
+        eval_strategy="epoch" if eval_blocks is not None else "no", per_device_eval_batch_size=batch_size,
+        report_to=[], seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    model = model.to(getattr(torch, dtype)).eval()
+    save(model, out, tokenizer)
+    (Path(out) / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return model
+
+
+def _last_checkpoint(folder: str) -> str | None:
+    """The newest `checkpoint-N` in `folder`, to resume an interrupted run."""
+    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(checkpoints[-1]) if checkpoints else None
