@@ -144,15 +144,25 @@ def test_failed_verification_writes_nothing(models, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["corrupt-pt", "no-config", "unknown-task"])
-def test_cli_bad_input_exits_2(case, tmp_path, tiny_teacher_dir):
-    source = {"corrupt-pt": tmp_path / "bad.pt", "no-config": tmp_path / "empty", "unknown-task": tiny_teacher_dir}
+def test_cli_corrupt_checkpoint_exits_2(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    args = ["--task", "translation"] if case == "unknown-task" else []
-    result = subprocess.run([sys.executable, "-c", "from kninfer.cli import main; main()", "export", str(source[case]), str(out / "m.onnx"),
-                             *args], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", "from kninfer.cli import main; main()", "export",
+                             str(tmp_path / "bad.pt"), str(out / "m.onnx")], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists() or list(out.iterdir()) == []
+    assert result.stderr.startswith("error: ") and "bad.pt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["no-config", "unknown-task"])
+def test_cli_bad_input_writes_nothing(case, tmp_path, tiny_teacher_dir):
+    """The command raises KninferError (the CLI's exit 2, checked above) before writing anything."""
+    from kninfer.cli.export import export
+
+    (tmp_path / "empty").mkdir()
+    source, task, message = {"no-config": (tmp_path / "empty", "causal-lm", "without config.json"),
+                             "unknown-task": (tiny_teacher_dir, "translation", "unknown task")}[case]
+    with pytest.raises(KninferError, match=message):
+        export(str(source), tmp_path / "out" / "m.onnx", task=task, opset=18, dense=False, int8=False,
+               verify=True, tokenizer=None)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
