@@ -161,9 +161,9 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling
     prefill_done = time.perf_counter()
     steps = 0
     while True:
-        history = [p + r.ids for p, r in zip(prompt_ids, rows)]
+        history = [p + r.ids for p, r in zip(prompt_ids, rows, strict=True)]
         tokens = next_tokens(logits[:, -1], history, sampling, rng)
-        for row, token in zip(rows, tokens.tolist()):
+        for row, token in zip(rows, tokens.tolist(), strict=True):
             if not row.done:
                 _append(row, token, tokenizer, bundle.eos_token_id, sampling)
         if mask.shape[1] + 1 >= bundle.context_length:  # prompt and new tokens fill the context
@@ -174,7 +174,7 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling
         if all(row.done for row in rows):
             break
         # finished rows keep feeding padding, as transformers' generate() does
-        feed = np.array([[bundle.pad_token_id if row.done else t] for row, t in zip(rows, tokens.tolist())], np.int64)
+        feed = np.where([row.done for row in rows], bundle.pad_token_id, tokens)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
         logits, cache = model.forward(feed, mask, position_ids(mask, 1), cache)
         steps += 1

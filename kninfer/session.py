@@ -68,7 +68,7 @@ class CausalLM:
         """Logits (batch, seq, vocab) as float32 and the cache extended by `input_ids`."""
         # Plain `run` with numpy arrays: IOBinding and OrtValue feeds were measured and gave no gain on CPU.
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                 **dict(zip(self.past_names, cache))}
+                 **dict(zip(self.past_names, cache, strict=True))}
         logits, *present = self.session.run(self.output_names, feeds)
         return logits.astype(np.float32, copy=False), present
 
@@ -78,7 +78,8 @@ class Classifier:
 
     def __init__(self, bundle: Bundle, threads: int | None = None, optimization: str = "all") -> None:
         if bundle.task != "sequence-classification":
-            raise KninferError(f"'{bundle.onnx_path}' is a {bundle.task} bundle: classify needs sequence-classification")
+            raise KninferError(f"'{bundle.onnx_path}' is a {bundle.task} bundle: "
+                               "classify needs sequence-classification")
         self.bundle = bundle
         self.session = open_session(bundle, threads, optimization)
         _check_io(self.session, bundle, ["input_ids", "attention_mask"], ["logits"])

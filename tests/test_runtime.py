@@ -1,7 +1,9 @@
-"""The torch-free runtime against transformers on tiny exported bundles: generation, perplexity, classification, errors."""
+"""The torch-free runtime against transformers on tiny exported bundles: generate, perplexity, classify, errors."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,10 +15,11 @@ import pytest
 import torch
 
 from kninfer.bundle import read_bundle
+from kninfer.classify import classify, predict
 from kninfer.errors import KninferError
 from kninfer.generate import Sampling, generate, left_pad
 from kninfer.perplexity import perplexity
-from kninfer.session import CausalLM
+from kninfer.session import CausalLM, Classifier
 from kninfer.tokenizer import decode, encode, load_tokenizer
 
 PROMPTS = ["Hello, my name is", "The capital of France", "In 1905 Einstein published four papers on"]
@@ -73,7 +76,8 @@ def test_greedy_matches_transformers_batch_1_and_3(models, gpt2_tokenizer, kind)
     tokenizer = load_tokenizer(model.bundle.tokenizer_path)
     sampling = Sampling(max_new_tokens=NEW_TOKENS)
     for prompt in PROMPTS:
-        assert generate(model, tokenizer, [prompt], sampling).token_ids == _hf_greedy(torch_model, gpt2_tokenizer, [prompt])
+        expected = _hf_greedy(torch_model, gpt2_tokenizer, [prompt])
+        assert generate(model, tokenizer, [prompt], sampling).token_ids == expected
     batch = generate(model, tokenizer, PROMPTS, sampling)
     assert batch.token_ids == _hf_greedy(torch_model, gpt2_tokenizer, PROMPTS)
     assert batch.texts == [gpt2_tokenizer.decode(ids) for ids in batch.token_ids]
@@ -88,7 +92,7 @@ def test_sampling_seeded_and_top_k_1_is_greedy(models):
     sampled = Sampling(max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=7)
     first, again = (generate(model, tokenizer, PROMPTS, sampled).token_ids for _ in range(2))
     assert first == again
-    other = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=8))
+    other = generate(model, tokenizer, PROMPTS, dataclasses.replace(sampled, seed=8))
     assert other.token_ids != first  # a random tiny model's distribution is near uniform: seeds differ
 
 
@@ -98,7 +102,8 @@ def test_stop_strings_and_streaming(models):
     full = generate(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=NEW_TOKENS)).texts[0]
     stop = full[len(full) // 2:len(full) // 2 + 3]
     pieces: list[str] = []
-    cut = generate(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=NEW_TOKENS, stop=(stop,)), on_text=pieces.append)
+    sampling = Sampling(max_new_tokens=NEW_TOKENS, stop=(stop,))
+    cut = generate(model, tokenizer, PROMPTS[:1], sampling, on_text=pieces.append)
     assert cut.texts[0] == full[:full.index(stop)]
     assert "".join(pieces) == cut.texts[0]
 
@@ -143,7 +148,7 @@ def _torch_perplexity(model, ids: list[int], max_length: int, stride: int) -> fl
 @pytest.mark.parametrize("kind", ["gpt2", "kngpt2"])
 def test_perplexity_matches_torch(models, data_dir, gpt2_tokenizer, kind):
     torch_model, model = models[kind]
-    text = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:3000]
+    text = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:1500]
     ids = gpt2_tokenizer.encode(text)
     for stride in (48, 128):
         ours = perplexity(model, ids, stride=stride).perplexity
@@ -176,7 +181,8 @@ def test_cli_generate_stdin_and_batch(gpt2_bundle, models):
     _, model = models["gpt2"]
     tokenizer = load_tokenizer(model.bundle.tokenizer_path)
     expected = generate(model, tokenizer, PROMPTS[:2], Sampling(max_new_tokens=6)).texts
-    piped = _cli("generate", str(gpt2_bundle / "model.onnx"), "--prompt", "-", "--max-new-tokens", "6", stdin=PROMPTS[0])
+    onnx_file = str(gpt2_bundle / "model.onnx")
+    piped = _cli("generate", onnx_file, "--prompt", "-", "--max-new-tokens", "6", stdin=PROMPTS[0])
     assert piped.returncode == 0 and piped.stdout == expected[0] + "\n"
     assert "prompt 5 tokens, 6 new tokens" in piped.stderr and "tokens/s" in piped.stderr
     batch = _cli("generate", str(gpt2_bundle), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6")
@@ -230,5 +236,61 @@ def test_cli_eval_matches_library(gpt2_bundle, models, tmp_path, data_dir):
     expected = perplexity(model, ids, stride=32)
     done = _cli("eval", str(gpt2_bundle), "--text-file", str(tmp_path / "t.txt"), "--stride", "32")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"perplexity {expected.perplexity:.4f} ") and f"{expected.tokens} tokens" in done.stdout
+    assert done.stdout.startswith(f"perplexity {expected.perplexity:.4f} ")
+    assert f"{expected.tokens} tokens" in done.stdout
 
+
+
+@pytest.fixture(scope="module")
+def sst2_classifier(tiny_config):
+    """A random tiny GPT-2 SST-2 classifier (pad = eos, as the bundle contract has it)."""
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(1)
+    config = tiny_config.__class__(**{**tiny_config.to_dict(), "num_labels": 2, "pad_token_id": 50256,
+                                      "id2label": {0: "negative", 1: "positive"}})
+    config.glue_task = "sst2"
+    return GPT2ForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def sst2_bundle(tmp_path_factory, sst2_classifier, gpt2_tokenizer) -> Path:
+    return _export(sst2_classifier, tmp_path_factory.mktemp("sst2"), gpt2_tokenizer, task="sequence-classification")
+
+
+def _torch_logits(model, tokenizer, *texts: list[str]) -> np.ndarray:
+    """The torch classifier on a right-padded batch, encoded by the transformers tokenizer (pairs included)."""
+    tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays unpadded for other tests
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"
+    batch = tokenizer(*texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits.numpy()
+
+
+def test_classify_matches_torch_classifier(sst2_classifier, sst2_bundle, gpt2_tokenizer, data_dir, tmp_path):
+    from kninfer.tasks import TASKS, read_glue_tsv
+
+    model = Classifier(read_bundle(sst2_bundle), threads=1)
+    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+    lines = (data_dir / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:41]
+    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    inputs, gold = read_glue_tsv(tmp_path / "dev.tsv", TASKS["sst2"])
+    expected = _torch_logits(sst2_classifier, gpt2_tokenizer, [t for (t,) in inputs])
+    logits = classify(model, tokenizer, inputs, batch_size=8)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    ids, names = predict(model, logits)
+    assert names == [["negative", "positive"][i] for i in expected.argmax(-1)]
+
+    pairs = [("A man is playing a guitar.", "Someone plays music."), ("Short.", "A much longer second sentence here.")]
+    firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+    expected_pairs = _torch_logits(sst2_classifier, gpt2_tokenizer, firsts, seconds)
+    np.testing.assert_allclose(classify(model, tokenizer, pairs), expected_pairs, atol=1e-4)
+
+    done = _cli("classify", str(sst2_bundle), "--file", str(tmp_path / "dev.tsv"), "--out", str(tmp_path / "p.tsv"))
+    assert done.returncode == 0, done.stderr
+    accuracy = float(np.mean(expected.argmax(-1) == gold))
+    assert done.stdout == f"sst2 dev.tsv: accuracy {accuracy:.4f} (40 rows)\n"
+    rows = (tmp_path / "p.tsv").read_text().splitlines()
+    assert rows[0] == "index\tprediction" and rows[1:] == [f"{i}\t{n}" for i, n in enumerate(names)]
+    texts = _cli("classify", str(sst2_bundle), "--text", inputs[0][0], "--text", inputs[1][0])
+    assert texts.returncode == 0 and texts.stdout.split() == names[:2]

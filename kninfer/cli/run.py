@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside it).")]
+BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside).")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 stderr = Console(stderr=True)
 
@@ -20,13 +20,13 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to add to each prompt.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy decoding; above 0 samples (1 = model's own).")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample among the most likely tokens holding this mass (1 = all).")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages tokens already present (1 = off).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Sample among the likeliest tokens holding this mass (1 = all).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages tokens already seen (1 = off).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sample.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (not printed); repeatable.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt only).")] = True,
     threads: ThreadsOption = None,
-    truncate: Annotated[str, typer.Option(help="'left' drops a too-long prompt's start; 'none' makes it an error.")] = "none",
+    truncate: Annotated[str, typer.Option(help="'left' drops a too-long prompt's start; 'none': an error.")] = "none",
 ) -> None:
     """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
     from kninfer.bundle import read_bundle
@@ -60,7 +60,7 @@ def classify(
     bundle: BundleArg,
     text: Annotated[list[str] | None, typer.Option(help="A sentence to classify; repeatable.")] = None,
     pair: Annotated[list[str] | None, typer.Option(help="The second sentence of each --text (pair tasks).")] = None,
-    file: Annotated[Path | None, typer.Option(help="A GLUE TSV (dev/test layout) to classify instead of --text.")] = None,
+    file: Annotated[Path | None, typer.Option(help="A GLUE TSV (dev/test layout) to classify, not --text.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write 'index<TAB>prediction' rows for --file here.")] = None,
     task: Annotated[str | None, typer.Option(help="GLUE task of --file (default: the bundle's glue_task).")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per onnxruntime call.")] = 16,
@@ -97,7 +97,7 @@ def classify(
         if not inputs:
             raise KninferError(f"'{file}' has no rows to classify")
     else:
-        inputs = [(t, p) for t, p in zip(text, pair)] if pair else [(t,) for t in text]
+        inputs = [(t, p) for t, p in zip(text, pair, strict=True)] if pair else [(t,) for t in text]
     with Progress(console=stderr, transient=True) as progress:
         bar = progress.add_task("classifying", total=len(inputs))
         logits = run_classifier(model, tokenizer, inputs, batch_size, lambda n: progress.advance(bar, n))
@@ -115,13 +115,14 @@ def classify(
         stderr.print(f"wrote {out}")
     if gold is not None:
         scores = glue.metrics(np.asarray(values), gold)
-        print(f"{glue.name} {file.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" ({len(gold)} rows)")
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        print(f"{glue.name} {file.name}: {shown} ({len(gold)} rows)")
 
 
 def eval_(
     bundle: BundleArg,
     text_file: Annotated[Path, typer.Option(help="UTF-8 text to score as one token stream (e.g. wiki.test.raw).")],
-    stride: Annotated[int | None, typer.Option(help="Tokens between window starts (default: half the context).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Tokens between window starts (default: context / 2).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Window length in tokens (default: the context).")] = None,
     threads: ThreadsOption = None,
 ) -> None:
