@@ -66,7 +66,8 @@ class CausalLM:
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits (batch, seq, vocab) as float32 and the cache extended by `input_ids`."""
-        # Plain `run` with numpy arrays: IOBinding and OrtValue feeds were measured and gave no gain on CPU.
+        # Plain `run`: on CPU it already wraps outputs without copying (their base is onnxruntime's buffer) and
+        # reads contiguous inputs in place, so IOBinding or OrtValue feeds measured no faster (same median).
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                  **dict(zip(self.past_names, cache, strict=True))}
         logits, *present = self.session.run(self.output_names, feeds)
