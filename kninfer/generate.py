@@ -161,7 +161,7 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling
     prefill_done = time.perf_counter()
     steps = 0
     while True:
-        history = [p + r.ids for p, r in zip(prompt_ids, rows, strict=True)]
+        history = [p + r.ids for p, r in zip(prompt_ids, rows, strict=True)] if sampling.repetition_penalty != 1 else []
         tokens = next_tokens(logits[:, -1], history, sampling, rng)
         for row, token in zip(rows, tokens.tolist(), strict=True):
             if not row.done:

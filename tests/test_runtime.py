@@ -17,7 +17,7 @@ import torch
 from kninfer.bundle import read_bundle
 from kninfer.classify import classify, predict
 from kninfer.errors import KninferError
-from kninfer.generate import Sampling, generate, left_pad
+from kninfer.generate import Sampling, _Row, _stream, generate, left_pad, next_tokens
 from kninfer.perplexity import perplexity
 from kninfer.session import CausalLM, Classifier
 from kninfer.tokenizer import decode, encode, load_tokenizer
@@ -106,6 +106,37 @@ def test_stop_strings_and_streaming(models):
     cut = generate(model, tokenizer, PROMPTS[:1], sampling, on_text=pieces.append)
     assert cut.texts[0] == full[:full.index(stop)]
     assert "".join(pieces) == cut.texts[0]
+
+
+def test_sampling_distribution_matches_transformers_processors():
+    """Repetition penalty, temperature, top-k and top-p give transformers' distribution (4000 draws, 4 sigma)."""
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = np.random.default_rng(0).normal(size=(1, 40)).astype(np.float32) * 2
+    history = [3, 7, 7, 21]
+    scores = torch.from_numpy(logits.copy())
+    for processor in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(10),
+                      TopPLogitsWarper(0.8)):
+        scores = processor(torch.tensor([history]), scores)
+    expected = torch.softmax(scores, -1)[0].numpy()
+    sampling = Sampling(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3)
+    draws = next_tokens(np.repeat(logits, 4000, 0), [history] * 4000, sampling, np.random.default_rng(1))
+    frequencies = np.bincount(draws, minlength=40) / 4000
+    assert set(np.flatnonzero(frequencies)) <= set(np.flatnonzero(expected))
+    np.testing.assert_allclose(frequencies, expected, atol=4 * 0.5 / np.sqrt(4000))
+
+
+def test_stream_holds_back_partial_characters_and_stop_prefixes():
+    row, pieces = _Row(), []
+    for text in ("Hi \ufffd", "Hi é ST", "Hi é STx"):
+        row.text = text
+        _stream(row, ("STOP",), pieces.append)
+    assert pieces == ["Hi ", "é ", "STx"]
 
 
 def test_truncate_left_and_context_limit(models):
