@@ -215,7 +215,8 @@ def test_cli_generate_stdin_and_batch(gpt2_bundle, models):
     onnx_file = str(gpt2_bundle / "model.onnx")
     piped = _cli("generate", onnx_file, "--prompt", "-", "--max-new-tokens", "6", stdin=PROMPTS[0])
     assert piped.returncode == 0 and piped.stdout == expected[0] + "\n"
-    assert "prompt 5 tokens, 6 new tokens" in piped.stderr and "tokens/s" in piped.stderr
+    assert piped.stderr.startswith("prompt 5 tokens, 6 new tokens, prefill ") and piped.stderr.count("\n") == 1
+    assert piped.stderr.endswith(" tokens/s\n")
     batch = _cli("generate", str(gpt2_bundle), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6")
     assert batch.returncode == 0 and batch.stdout == f"[1] {expected[0]}\n[2] {expected[1]}\n"
 

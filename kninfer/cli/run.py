@@ -53,7 +53,7 @@ def generate(
     for number, text in enumerate(result.texts, 1):
         if not streaming:
             _write(f"[{number}] {text}\n" if len(prompts) > 1 else f"{text}\n")
-    stderr.print(result.summary(), highlight=False)
+    print(result.summary(), file=sys.stderr)
 
 
 def classify(
