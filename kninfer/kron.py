@@ -198,7 +198,8 @@ class KroneckerLinear(nn.Module):
             Y = torch.matmul(reshape_tail(z, 1, (m1, r)), self.B[:, :, 0])  # (..., m1, m2)
         elif m2 == 1:  # B (1, n2): contract n2 first, then x' @ Aᵀ over (j1, k)
             Z = torch.matmul(reshape_tail(x, 1, (n1, n2)), self.B[:, 0, :].T)  # (..., n1, r)
-            return self._add_bias(torch.matmul(reshape_tail(Z, 2, (n1 * r,)), self.A.permute(2, 0, 1).reshape(n1 * r, m1)))
+            A_t = self.A.permute(2, 0, 1).reshape(n1 * r, m1)  # row j1*r + k
+            return self._add_bias(torch.matmul(reshape_tail(Z, 2, (n1 * r,)), A_t))
         else:  # general shapes: X Bᵀ, then Aᵀ on the transposed per-token intermediate; 2-D weights only
             Z = torch.matmul(reshape_tail(x, 1, (n1, n2)), self.B.permute(2, 1, 0).reshape(n2, m2 * r))
             Z = reshape_tail(Z.transpose(-1, -2), 2, (m2, r * n1))  # row i2, column k*n1 + j1

@@ -40,7 +40,10 @@ def export(
     if out.suffix != ".onnx":
         raise KninferError(f"'{out}': the output must be a .onnx file")
     loaded, own_tokenizer = load(model)
-    tokenizer_json = read_tokenizer(tokenizer) if tokenizer else own_tokenizer and own_tokenizer.backend_tokenizer.to_str()
+    if tokenizer is not None:
+        tokenizer_json = read_tokenizer(tokenizer)
+    else:
+        tokenizer_json = own_tokenizer.backend_tokenizer.to_str() if own_tokenizer is not None else None
     sample = None
     if tokenizer_json:
         from tokenizers import Tokenizer

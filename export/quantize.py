@@ -1,0 +1,51 @@
+"""`--int8`: onnxruntime dynamic quantization of every MatMul weight, per channel, the tied head included."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Quantize MatMul weights to int8, then point embedding Gathers at the int8 tables (fp32 copies dropped)."""
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on root
+    quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    model = onnx.load(str(target))
+    rewire_gathers(model.graph)
+    onnx.save_model(model, str(target))
+
+
+def rewire_gathers(graph: onnx.GraphProto) -> None:
+    """Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the scales
+    are per slice along that axis (the tied Kronecker head's Aᵀ, gathered on axis 1); unused fp32 tables go."""
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        table = node.input[0] if node.op_type == "Gather" else None
+        scale = initializers.get(f"{table}_scale")
+        if table not in initializers or f"{table}_quantized" not in initializers or scale is None:
+            nodes.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        shape = list(initializers[table].dims)
+        zero = numpy_helper.to_array(initializers[f"{table}_zero_point"])
+        if list(scale.dims) != [shape[axis]] or zero.any():
+            nodes.append(node)
+            continue
+        out, ids = node.output[0], node.input[1]
+        nodes += [
+            helper.make_node("Gather", [f"{table}_quantized", ids], [f"{out}_int8"], axis=axis),
+            helper.make_node("Cast", [f"{out}_int8"], [f"{out}_cast"], to=TensorProto.FLOAT),
+            helper.make_node("Gather", [f"{table}_scale", ids], [f"{out}_scale"], axis=0),
+            helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out]),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
