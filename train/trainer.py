@@ -1,0 +1,142 @@
+"""DistillTrainer: transformers' Trainer with the loss replaced by weighted distillation terms from a frozen teacher.
+
+Checkpoints, resume, gradient accumulation, mixed precision, logging and DDP/FSDP/DeepSpeed (torchrun or
+`accelerate launch`) all come from Trainer; this module only supplies `compute_loss`, per-term logging and a
+Ctrl-C that stops at the end of the current step with a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from kninfer.errors import KninferError
+from kninfer.train.losses import TERMS, loss_terms
+
+
+class StopOnInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the step, save a checkpoint and stop; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = torch.tensor(float(self.requested), device=args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(requested, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if requested.item():
+            self.requested = True
+            control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def use_eager_attention(model: PreTrainedModel) -> None:
+    """Eager attention returns the attention maps ILKD needs; without attention dropout they stay distributions."""
+    model.set_attn_implementation("eager")
+    for module in model.modules():
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout.p = 0.0
+
+
+class DistillTrainer(Trainer):
+    """A Trainer whose loss is Σ alphas[name]·term over the KD mode's terms (ILKD, vanilla KD, or plain CE)."""
+
+    def __init__(self, *args: Any, teacher: PreTrainedModel | None = None, kd: str = "none",
+                 alphas: dict[str, float] | None = None, temperature: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if kd not in TERMS:
+            raise KninferError(f"unknown KD mode '{kd}': expected one of {', '.join(TERMS)}")
+        if kd != "none" and teacher is None:
+            raise KninferError(f"--kd {kd} needs a teacher")
+        self.kd, self.temperature = kd, temperature
+        self.alphas = alphas or {name: 1.0 for name in TERMS[kd]}
+        self.model_accepts_loss_kwargs = False  # terms are means: Trainer divides by the accumulation steps
+        self.teacher = None if kd == "none" else teacher.eval().requires_grad_(False).to(self.args.device)
+        if kd == "ilkd":
+            _check_pairable(self.model, teacher)
+            use_eager_attention(self.model)
+            use_eager_attention(self.teacher)
+        self.interrupt = StopOnInterrupt()
+        self.add_callback(self.interrupt)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ilkd = self.kd == "ilkd"
+        outputs = model(**inputs, output_hidden_states=ilkd, output_attentions=ilkd)
+        teacher_outputs = None
+        if self.teacher is not None:
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_outputs = self.teacher(**features, output_hidden_states=ilkd, output_attentions=ilkd)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"])
+        terms = loss_terms(self.kd, outputs, teacher_outputs, mask, self.temperature)
+        loss = sum(self.alphas[name] * terms[name] for name in TERMS[self.kd])
+        if model.training:
+            for name, value in terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().float()
+            self._term_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add each loss term, averaged over the steps since the last log and over the processes."""
+        if "loss" in logs and self._term_steps:
+            names = sorted(self._term_sums)
+            means = torch.stack([self._term_sums[n] for n in names]) / self._term_steps
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            logs |= {f"loss_{n}": round(v, 6) for n, v in zip(names, means.tolist(), strict=True)}
+            self._term_sums, self._term_steps = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """ILKD pairs layer l of the student with layer l of the teacher, same width."""
+    s, t = student.config, teacher.config
+    if (s.n_layer, s.n_embd, s.n_head) != (t.n_layer, t.n_embd, t.n_head):
+        raise KninferError(
+            f"ILKD needs the student's layers, width and heads to match the teacher's: student "
+            f"{s.n_layer}×{s.n_embd} ({s.n_head} heads), teacher {t.n_layer}×{t.n_embd} ({t.n_head} heads); "
+            "train a layer-dropped student with --kd vanilla or --kd none"
+        )
+
+
+def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: PreTrainedModel | None = None,
+        kd: str = "none", alphas: dict[str, float] | None = None, temperature: float = 2.0,
+        collator: Any = None, resume: bool = False, **options: Any) -> DistillTrainer:
+    """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
+
+    With `resume`, training continues from the last `checkpoint-N` there (same optimizer, scheduler, RNG and
+    data position). Check `trainer.interrupt.requested`: True when Ctrl-C stopped it at a saved checkpoint.
+    """
+    defaults: dict[str, Any] = {"report_to": [], "save_total_limit": 2, "logging_steps": 10, "save_steps": 500,
+                                "dataloader_pin_memory": torch.cuda.is_available()}
+    args = TrainingArguments(output_dir=str(checkpoints), **(defaults | options))
+    trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             teacher=teacher, kd=kd, alphas=alphas, temperature=temperature)
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(checkpoints)) if Path(checkpoints).is_dir() else None
+        if checkpoint is None:
+            raise KninferError(f"--resume: no checkpoint-N folder in '{checkpoints}'")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer
