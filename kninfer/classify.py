@@ -9,20 +9,21 @@ from tokenizers import Tokenizer
 
 from kninfer.errors import KninferError
 from kninfer.session import Classifier
+from kninfer.tokenizer import encode
+
+
+def input_text(texts: tuple[str, ...]) -> str:
+    """One model input from a sentence or a pair: stripped and joined by a newline, as fine-tuning builds it."""
+    return "\n".join(t.strip() for t in texts)
 
 
 def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: int) -> list[list[int]]:
-    """Token ids per input: a sentence, or a pair joined as the fast tokenizer joins it (`tokenizer(a, b)`).
-
-    Inputs longer than the context lose tokens from the longer side first, as `truncation=True` does.
-    """
-    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation settings stay local
-    tokenizer.enable_truncation(max_length=context, strategy="longest_first")
+    """Token ids per input, cut on the right at the context (as fine-tuning's `truncation=True`)."""
     encoded = []
     for number, texts in enumerate(inputs, 1):
         if not 1 <= len(texts) <= 2:
             raise KninferError(f"input {number} has {len(texts)} texts: expected a sentence or a pair")
-        ids = tokenizer.encode(*texts, add_special_tokens=False).ids
+        ids = encode(tokenizer, input_text(texts))[:context]
         if not ids:
             raise KninferError(f"input {number} is empty: expected some text to classify")
         encoded.append(ids)

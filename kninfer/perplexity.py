@@ -21,6 +21,11 @@ class Perplexity:
     tokens: int
 
 
+def lm_text(raw: str) -> str:
+    """A text file as the Hugging Face recipe (and `kninfer eval-lm`) scores it: its lines joined by blank lines."""
+    return "\n\n".join(raw.splitlines(keepends=True))
+
+
 def windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, new targets) per window: each scores only the tokens the previous window did not."""
     spans, previous_end = [], 0

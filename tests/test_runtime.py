@@ -269,16 +269,19 @@ def test_cli_bad_input_is_one_line_exit_2(gpt2_bundle, tmp_path):
         assert done.stdout == ""
 
 
-def test_cli_eval_matches_library(gpt2_bundle, models, tmp_path, data_dir):
-    _, model = models["gpt2"]
-    text = (data_dir / "moby-dick" / "moby-dick.txt").read_text(encoding="utf-8")[:2000]
-    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    ids = encode(load_tokenizer(model.bundle.tokenizer_path), text)
-    expected = perplexity(model, ids, stride=32)
+def test_cli_eval_matches_torch_eval_lm(gpt2_bundle, tiny_teacher, gpt2_tokenizer, tmp_path, data_dir):
+    """`kninfer eval` on a file equals the torch side's eval-lm (its text loading and perplexity) within 1e-3."""
+    from kninfer.train.data import load_lm_text
+    from kninfer.train.eval_lm import perplexity as torch_perplexity
+
+    lines = (data_dir / "moby-dick" / "moby-dick.txt").read_text(encoding="utf-8").splitlines(keepends=True)[:60]
+    (tmp_path / "t.txt").write_text("".join(lines), encoding="utf-8")
+    ids = gpt2_tokenizer("\n\n".join(load_lm_text(str(tmp_path / "t.txt"))["text"]))["input_ids"]
+    expected, tokens = torch_perplexity(tiny_teacher, torch.tensor(ids), 128, 32)
     done = _cli("eval", str(gpt2_bundle), "--text-file", str(tmp_path / "t.txt"), "--stride", "32")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"perplexity {expected.perplexity:.4f} ")
-    assert f"{expected.tokens} tokens" in done.stdout
+    assert float(done.stdout.split()[1]) == pytest.approx(expected, rel=1e-3)
+    assert f"over {tokens} tokens" in done.stdout
 
 
 
@@ -299,11 +302,13 @@ def sst2_bundle(tmp_path_factory, sst2_classifier, gpt2_tokenizer) -> Path:
     return _export(sst2_classifier, tmp_path_factory.mktemp("sst2"), gpt2_tokenizer, task="sequence-classification")
 
 
-def _torch_logits(model, tokenizer, *texts: list[str]) -> np.ndarray:
-    """The torch classifier on a right-padded batch, encoded by the transformers tokenizer (pairs included)."""
+def _torch_logits(model, tokenizer, inputs: list[tuple[str, ...]]) -> np.ndarray:
+    """The torch classifier on a right-padded batch, built as fine-tuning builds its inputs."""
+    from kninfer.train.glue import input_text
+
     tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays unpadded for other tests
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"
-    batch = tokenizer(*texts, padding=True, return_tensors="pt")
+    batch = tokenizer([input_text(t) for t in inputs], padding=True, return_tensors="pt")
     with torch.no_grad():
         return model(**batch).logits.numpy()
 
@@ -316,16 +321,15 @@ def test_classify_matches_torch_classifier(sst2_classifier, sst2_bundle, gpt2_to
     lines = (data_dir / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:41]
     (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     inputs, gold = read_glue_tsv(tmp_path / "dev.tsv", TASKS["sst2"])
-    expected = _torch_logits(sst2_classifier, gpt2_tokenizer, [t for (t,) in inputs])
+    expected = _torch_logits(sst2_classifier, gpt2_tokenizer, inputs)
     logits = classify(model, tokenizer, inputs, batch_size=8)
     np.testing.assert_allclose(logits, expected, atol=1e-4)
     ids, names = predict(model, logits)
     assert names == [["negative", "positive"][i] for i in expected.argmax(-1)]
 
     pairs = [("A man is playing a guitar.", "Someone plays music."), ("Short.", "A much longer second sentence here.")]
-    firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
-    expected_pairs = _torch_logits(sst2_classifier, gpt2_tokenizer, firsts, seconds)
-    np.testing.assert_allclose(classify(model, tokenizer, pairs), expected_pairs, atol=1e-4)
+    np.testing.assert_allclose(classify(model, tokenizer, pairs), _torch_logits(sst2_classifier, gpt2_tokenizer, pairs),
+                               atol=1e-4)
 
     done = _cli("classify", str(sst2_bundle), "--file", str(tmp_path / "dev.tsv"), "--out", str(tmp_path / "p.tsv"))
     assert done.returncode == 0, done.stderr

@@ -121,7 +121,8 @@ def classify(
 
 def eval_(
     bundle: BundleArg,
-    text_file: Annotated[Path, typer.Option(help="UTF-8 text to score as one token stream (e.g. wiki.test.raw).")],
+    text_file: Annotated[Path, typer.Option(help="UTF-8 text (e.g. wiki.test.raw); lines joined by blank lines, "
+                                                 "as the HF recipe and eval-lm do.")],
     stride: Annotated[int | None, typer.Option(help="Tokens between window starts (default: context / 2).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Window length in tokens (default: the context).")] = None,
     threads: ThreadsOption = None,
@@ -131,7 +132,7 @@ def eval_(
 
     from kninfer.bundle import read_bundle
     from kninfer.errors import KninferError
-    from kninfer.perplexity import perplexity
+    from kninfer.perplexity import lm_text, perplexity
     from kninfer.session import CausalLM
     from kninfer.tokenizer import encode, load_tokenizer
 
@@ -141,7 +142,7 @@ def eval_(
         raise KninferError(f"cannot read '{text_file}' as UTF-8 text: {error}") from None
     info = read_bundle(bundle)
     model = CausalLM(info, threads=threads)
-    ids = encode(load_tokenizer(info.tokenizer_path), text)
+    ids = encode(load_tokenizer(info.tokenizer_path), lm_text(text))
     with Progress(console=stderr, transient=True) as progress:
         bar = progress.add_task("scoring", total=max(len(ids) - 1, 1))
         result = perplexity(model, ids, stride, max_length, lambda n: progress.advance(bar, n))
