@@ -1,0 +1,525 @@
+"""Latency, memory and size of exported bundles against dense GPT-2 and the memory-bandwidth floor.
+
+    python bench/latency.py --bundle a/model.onnx --bundle b/model.onnx    # numpy + onnxruntime + tokenizers
+    python bench/latency.py --zoo [--quick]                                # builds the standard set (needs torch)
+
+Every measurement runs in a fresh subprocess (bench/measure.py), one at a time, models interleaved in rounds
+with the start rotated each round, so no two models share the cores or the allocator and slow drift hits all
+alike. Ratios and measured/floor are computed per round from that round's numbers, then summarised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from kninfer.bundle import read_bundle
+from kninfer.errors import KninferError
+
+HERE = Path(__file__).resolve().parent
+RSS_ALLOWANCE = 150e6  # target: peak RSS of a Kronecker variant <= its weight bytes + 150 MB
+FULL = {"rounds": 5, "prompt_lengths": [32, 128, 512], "past_lengths": [32, 512], "decode_steps": 64,
+        "warmup_steps": 8, "prefill_repeats": 5, "text_tokens": 16384}
+QUICK = {"rounds": 2, "prompt_lengths": [32, 128], "past_lengths": [32, 512], "decode_steps": 16,
+         "warmup_steps": 4, "prefill_repeats": 2, "text_tokens": 2048}
+PACKAGES = ("kninfer", "numpy", "onnxruntime", "tokenizers", "onnx", "torch", "transformers", "optimum-onnx")
+console = Console(stderr=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", action="append", default=[], type=Path,
+                        help="A causal-LM bundle (its .onnx file or folder); repeat for more. The first is the "
+                             "reference unless --reference names another.")
+    parser.add_argument("--torch", action="append", default=[], type=Path,
+                        help="A Hugging Face model folder to run in PyTorch eager as well (needs torch).")
+    parser.add_argument("--zoo", action="store_true",
+                        help="Build and export the standard set from GPT-2 small's config with random weights "
+                             "(needs torch).")
+    parser.add_argument("--zoo-dir", type=Path, default=Path.home() / ".cache" / "kninfer" / "bench-zoo",
+                        help="Where the zoo's bundles are written and reused from.")
+    parser.add_argument("--rebuild", action="store_true", help="Rebuild zoo models even if their folders exist.")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="Tokenizer for the zoo's bundles (folder or tokenizer.json; default: "
+                             "$KNINFER_DATA/gpt2-tokenizer, else ../shared/data/gpt2-tokenizer beside the checkout).")
+    parser.add_argument("--reference", help="Name of the model ratios are taken against (default: dense fp32).")
+    parser.add_argument("--quick", action="store_true", help="Fewer rounds, repetitions and prompt lengths.")
+    parser.add_argument("--rounds", type=int, help="Rounds of interleaved measurements (default 5, quick 2).")
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", help="Prefill prompt lengths in tokens.")
+    parser.add_argument("--past-lengths", type=int, nargs="+",
+                        help="Past (KV cache) lengths at which decode steps are timed; the first one is used for "
+                             "ratios, floors and targets.")
+    parser.add_argument("--decode-steps", type=int, help="Timed decode steps per past length per round.")
+    parser.add_argument("--batch", type=int, default=1, help="Sequences per step.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="Intra-op threads per model.")
+    parser.add_argument("--memory", action="store_true",
+                        help="Also measure peak RSS while generating --new-tokens tokens, each model in its own "
+                             "process.")
+    parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated in the --memory measurement.")
+    parser.add_argument("--text-file", type=Path, help="Text to compute each bundle's perplexity on (quality column).")
+    parser.add_argument("--text-tokens", type=int, help="Score at most this many tokens of --text-file.")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results", help="Where JSON, markdown and PNG go.")
+    parser.add_argument("--timeout", type=float, default=900, help="Seconds one measurement process may take.")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.warmup_steps, args.prefill_repeats = defaults["warmup_steps"], defaults["prefill_repeats"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args, argv if argv is not None else sys.argv[1:])
+    except KninferError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(results["markdown"])
+    return 0
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Measure every model, summarise, evaluate the targets and write JSON, markdown and PNG."""
+    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    check_args(args)
+    models, zoo_s = collect_models(args)
+    for model in models:
+        model.update(describe(model, args.batch, args.past_lengths))
+    reference = args.reference or ("gpt2-fp32" if args.zoo else models[0]["name"])
+    if reference not in {m["name"] for m in models}:
+        names = ", ".join(m["name"] for m in models)
+        raise KninferError(f"--reference '{reference}' is not one of the models: {names}")
+
+    base = {"batch": args.batch, "threads": args.threads, "prompt_lengths": args.prompt_lengths,
+            "past_lengths": args.past_lengths, "decode_steps": args.decode_steps, "warmup_steps": args.warmup_steps,
+            "prefill_repeats": args.prefill_repeats}
+    bandwidth = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("measuring", total=args.rounds * (len(models) + 1))
+        for round_ in range(args.rounds):
+            progress.update(task, description=f"round {round_ + 1}/{args.rounds}: bandwidth")
+            bandwidth.append(measure({"job": "bandwidth", "threads": args.threads, "bytes": 2**30 + 2**26,
+                                      "repeats": 5}, args.timeout))
+            progress.advance(task)
+            shift = round_ % len(models)
+            for model in models[shift:] + models[:shift]:
+                progress.update(task, description=f"round {round_ + 1}/{args.rounds}: {model['name']}")
+                spec = {"job": "latency", "runtime": model["runtime"], "path": model["path"], **base}
+                model["rounds"].append(measure(spec, args.timeout))
+                progress.advance(task)
+        for model in models:
+            if args.memory:
+                progress.update(task, description=f"memory: {model['name']}")
+                model["memory"] = measure({"job": "memory", "runtime": model["runtime"], "path": model["path"],
+                                           "threads": args.threads, "batch": args.batch,
+                                           "new_tokens": args.new_tokens}, args.timeout)
+            if args.text_file and model["runtime"] == "onnxruntime":
+                progress.update(task, description=f"perplexity: {model['name']}")
+                model["perplexity"] = measure({"job": "perplexity", "path": model["path"], "threads": args.threads,
+                                               "text_file": str(args.text_file), "max_tokens": args.text_tokens,
+                                               "window": 1024}, args.timeout)
+
+    summarise(models, bandwidth, reference, args.batch)
+    results = {
+        "schema": "kninfer-bench-latency", "schema_version": 1,
+        "command": [Path(sys.executable).name, "bench/latency.py", *argv],
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(args.threads),
+        "versions": versions(),
+        "settings": {**base, "rounds": args.rounds, "quick": args.quick, "reference": reference,
+                     "ratio_past_length": args.past_lengths[0],
+                     "memory_new_tokens": args.new_tokens if args.memory else None,
+                     "text_file": str(args.text_file) if args.text_file else None, "text_tokens": args.text_tokens},
+        "bandwidth": {"rounds": bandwidth, **spread([b["gb_s"] for b in bandwidth])},
+        "models": models,
+        "targets": targets(models, reference, args.past_lengths[0]),
+        "zoo_build_s": zoo_s,
+    }
+    results["wall_s"] = time.perf_counter() - clock
+    write_outputs(results, args.out_dir, started)
+    return results
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Bad option values, named."""
+    if not (args.bundle or args.zoo or args.torch):
+        raise KninferError("nothing to measure: pass --bundle PATH (repeatable), --torch DIR or --zoo")
+    for name in ("rounds", "decode_steps", "batch", "threads", "new_tokens", "text_tokens"):
+        if getattr(args, name) < 1:
+            raise KninferError(f"--{name.replace('_', '-')} is {getattr(args, name)}: expected 1 or more")
+    if any(n < 1 for n in args.prompt_lengths + args.past_lengths):
+        raise KninferError("--prompt-lengths and --past-lengths take positive token counts")
+    if args.text_file and not args.text_file.is_file():
+        raise KninferError(f"--text-file '{args.text_file}' does not exist")
+
+
+def collect_models(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float | None]:
+    """[{name, path, runtime}] from --zoo, --bundle and --torch, each checked before anything is measured."""
+    entries, zoo_s = [], None
+    if args.zoo:
+        start = time.perf_counter()
+        entries += zoo_models(args)
+        zoo_s = time.perf_counter() - start
+    for path in args.bundle:
+        bundle = read_bundle(path)
+        if bundle.task != "causal-lm":
+            raise KninferError(f"'{path}' is a {bundle.task} bundle: latency needs causal-lm bundles")
+        entries.append({"name": bundle.directory.name, "path": str(bundle.onnx_path), "runtime": "onnxruntime"})
+    for path in args.torch:
+        if not (path / "config.json").is_file():
+            raise KninferError(f"--torch '{path}' is not a Hugging Face model folder (no config.json)")
+        entries.append({"name": f"torch-{path.name}", "path": str(path), "runtime": "torch"})
+    names = [e["name"] for e in entries]
+    for entry in entries:
+        if names.count(entry["name"]) > 1:  # two bundles in folders of the same name: keep the parent too
+            entry["name"] = f"{Path(entry['path']).parent.parent.name}/{entry['name']}"
+    return [{**e, "rounds": [], "memory": None, "perplexity": None} for e in entries], zoo_s
+
+
+def zoo_models(args: argparse.Namespace) -> list[dict[str, str]]:
+    """Build (or reuse) the zoo; needs torch, transformers and optimum-onnx."""
+    try:
+        from zoo import build_zoo
+
+        from kninfer.cli.export import read_tokenizer
+    except ImportError as error:
+        raise KninferError(f"--zoo needs the train extra (pip install 'kninfer[train]'): {error}") from None
+    tokenizer = args.tokenizer or default_tokenizer()
+    if tokenizer.is_dir() and (tokenizer / "vocab.json").is_file() and not (tokenizer / "tokenizer.json").is_file():
+        from transformers import GPT2TokenizerFast
+
+        tokenizer_json = GPT2TokenizerFast(vocab_file=str(tokenizer / "vocab.json"),
+                                           merges_file=str(tokenizer / "merges.txt")).backend_tokenizer.to_str()
+    else:
+        tokenizer_json = read_tokenizer(tokenizer)
+    return build_zoo(args.zoo_dir, tokenizer_json, args.rebuild, progress=lambda text: console.print(text))
+
+
+def default_tokenizer() -> Path:
+    """$KNINFER_DATA/gpt2-tokenizer, else the shared data folder beside the checkout."""
+    data = Path(os.environ.get("KNINFER_DATA", HERE.parent.parent / "shared" / "data"))
+    path = data / "gpt2-tokenizer"
+    if not path.is_dir():
+        raise KninferError(f"no tokenizer at '{path}': pass --tokenizer DIR|tokenizer.json or set KNINFER_DATA")
+    return path
+
+
+def describe(model: dict[str, Any], batch: int, past_lengths: list[int]) -> dict[str, Any]:
+    """Static facts: variant, parameters, file bytes and the weight bytes one decode step reads."""
+    path = Path(model["path"])
+    if model["runtime"] == "torch":
+        config = json.loads((path / "config.json").read_text())
+        files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        return {"model_type": config.get("model_type"), "variant": "fp32", "parameters": None,
+                "file_bytes": sum(p.stat().st_size for p in files), "weight_bytes": None,
+                "weight_bytes_per_step": None, "kv_bytes_per_step": None}
+    bundle = read_bundle(path)
+    meta, kv = bundle.meta, bundle.kv_cache
+    files = [bundle.onnx_path, *bundle.directory.glob(f"{bundle.onnx_path.name}.data")]
+    weights = graph_weight_bytes(bundle.onnx_path)
+    kv_step = {str(p): 2 * kv.num_layers * batch * kv.num_heads * kv.head_dim * p * 4 for p in past_lengths}
+    return {"model_type": meta.get("model_type"), "variant": meta.get("variant"),
+            "tie_head": bool((meta.get("kronecker") or {}).get("tie_head")), "layers": kv.num_layers,
+            "parameters": meta.get("parameters"), "file_bytes": sum(p.stat().st_size for p in files),
+            "weight_bytes": weights and weights["total"],
+            "weight_bytes_per_step": weights and weights["always"] + batch * weights["row"],
+            "kv_bytes_per_step": kv_step}
+
+
+def graph_weight_bytes(onnx_path: Path) -> dict[str, int] | None:
+    """Initializer bytes: in total, read in full by every step, and per token by Gathers (one row each).
+
+    None when the `onnx` package is missing (the runtime install does not need it).
+    """
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        return None
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    tensors = {t.name: t for t in graph.initializer}
+    gathered: dict[str, set[int]] = {}
+    full: set[str] = set()
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if node.op_type == "Gather" and position == 0:
+                gathered.setdefault(name, set()).add(next((a.i for a in node.attribute if a.name == "axis"), 0))
+            else:
+                full.add(name)
+    total = always = row = 0
+    for name, tensor in tensors.items():
+        size = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        for dim in tensor.dims:
+            size *= dim
+        total += size
+        axes = gathered.get(name, set())
+        if name in full or len(axes) > 1 or (axes and not tensor.dims):
+            always += size
+        elif axes:  # only ever Gather'ed along one axis: a step reads one slice per token
+            row += size // tensor.dims[next(iter(axes))]
+    return {"total": total, "always": always, "row": row}
+
+
+def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one job of bench/measure.py in a fresh process and return its JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, str(HERE / "measure.py"), json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise KninferError(f"{spec['job']} of '{spec.get('path', '')}' took over {timeout:.0f} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KninferError(f"{spec['job']} of '{spec.get('path', '')}' failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Median, min and max of a list (None when empty)."""
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(models: list[dict[str, Any]], bandwidth: list[dict[str, Any]], reference: str, batch: int) -> None:
+    """Per model: median and spread over rounds, speedup vs the reference and measured/floor, per round."""
+    ref = next(m for m in models if m["name"] == reference)
+    for model in models:
+        rounds = model["rounds"]
+        summary: dict[str, Any] = {"load_s": spread([r["load_s"] for r in rounds]),
+                                   "peak_rss_bytes": spread([r["peak_rss_bytes"] for r in rounds]),
+                                   "prefill_ms": {}, "decode_ms": {}, "speedup": {}, "floor_ms": {},
+                                   "measured_over_floor": {}}
+        for length in rounds[0]["prefill_ms"]:
+            summary["prefill_ms"][length] = spread([r["prefill_ms"][length] for r in rounds])
+        for past in rounds[0]["decode_ms"]:
+            p50 = [r["decode_ms"][past]["p50"] for r in rounds]
+            p90 = [r["decode_ms"][past]["p90"] for r in rounds]
+            summary["decode_ms"][past] = {"p50": spread(p50), "p90": spread(p90)}
+            if past in ref["rounds"][0]["decode_ms"]:
+                summary["speedup"][past] = spread([r["decode_ms"][past]["p50"] / m
+                                                   for r, m in zip(ref["rounds"], p50, strict=True)])
+            if model.get("weight_bytes_per_step") is not None:
+                step_bytes = model["weight_bytes_per_step"] + model["kv_bytes_per_step"][past]
+                floors = [step_bytes / (b["gb_s"] * 1e9) * 1e3 for b in bandwidth]
+                summary["floor_ms"][past] = spread(floors)
+                summary["measured_over_floor"][past] = spread([m / f for m, f in zip(p50, floors, strict=True)])
+        summary["tokens_per_s"] = {past: batch * 1e3 / d["p50"]["median"] for past, d in summary["decode_ms"].items()}
+        model["summary"] = summary
+
+
+def targets(models: list[dict[str, Any]], reference: str, past: int) -> list[dict[str, Any]]:
+    """The issue's targets at the first past length, each pass or miss with its margin; never asserted."""
+    key = str(past)
+    ort = [m for m in models if m["runtime"] == "onnxruntime" and key in m["summary"]["decode_ms"]]
+    ref = next(m for m in models if m["name"] == reference)
+    rows = []
+
+    def check(goal: str, model: dict[str, Any], measured: float | None, threshold: float, at_least: bool) -> None:
+        if measured is None:
+            rows.append({"target": goal, "model": model["name"], "measured": None, "threshold": threshold,
+                         "pass": None, "margin": None})
+            return
+        margin = measured / threshold - 1 if at_least else threshold / measured - 1
+        rows.append({"target": goal, "model": model["name"], "measured": measured, "threshold": threshold,
+                     "pass": margin >= 0, "margin": margin})
+
+    def speedup(model: dict[str, Any], over: dict[str, Any]) -> float:
+        """Median over rounds of over's ms / model's ms, paired round by round."""
+        mine = [r["decode_ms"][key]["p50"] for r in model["rounds"]]
+        theirs = [r["decode_ms"][key]["p50"] for r in over["rounds"]]
+        return statistics.median(t / m for t, m in zip(theirs, mine, strict=True))
+
+    def floor_ratio(model: dict[str, Any]) -> float | None:
+        return (model["summary"]["measured_over_floor"].get(key) or {}).get("median")
+
+    tied = [m for m in ort if m["model_type"] == "kngpt2" and m["variant"] == "fp32" and m.get("tie_head")]
+    for model in tied:
+        check(f"kngpt2 --tie-head fp32 >= 1.4x faster than {reference} (past {past})", model, speedup(model, ref),
+              1.4, True)
+        check("kngpt2 --tie-head fp32 within 1.3x of its floor", model, floor_ratio(model), 1.3, False)
+    for model in ort:
+        check(f"within 1.3x of its floor (past {past})", model, floor_ratio(model), 1.3, False)
+    kron_int8 = [m for m in ort if m["model_type"] == "kngpt2" and m["variant"] == "int8"]
+    if kron_int8:
+        best = min(kron_int8, key=lambda m: m["summary"]["decode_ms"][key]["p50"]["median"])
+        check(f"best int8 Kronecker >= 3x faster than {reference}", best, speedup(best, ref), 3.0, True)
+        dense_int8 = next((m for m in ort if m["model_type"] == "gpt2" and m["variant"] == "int8"
+                           and m.get("layers") == ref.get("layers")), None)
+        if dense_int8 is not None:
+            check(f"best int8 Kronecker >= 1.3x faster than {dense_int8['name']}", best, speedup(best, dense_int8),
+                  1.3, True)
+    for model in (m for m in models if m["runtime"] == "onnxruntime" and m["model_type"] == "kngpt2"):
+        if model["weight_bytes"] is None:
+            continue
+        peak = (model["memory"] or {}).get("peak_rss_bytes") or model["summary"]["peak_rss_bytes"]["max"]
+        allowed = (model["weight_bytes"] + RSS_ALLOWANCE) / 1e6
+        check("peak RSS <= weight bytes + 150 MB (MB)", model, peak / 1e6, allowed, False)
+    return rows
+
+
+def machine(threads: int) -> dict[str, Any]:
+    """CPU model, core counts, memory and OS of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        import psutil
+
+        info |= {"physical_cores": psutil.cpu_count(logical=False), "memory_bytes": psutil.virtual_memory().total,
+                 "load_average": os.getloadavg()}
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape the figures (None when absent)."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path, started: dt.datetime) -> None:
+    """latency-<time>.json, .md and .png (the plot only when matplotlib is installed), each written atomically."""
+    from kninfer.atomic import atomic_path
+
+    stem = out_dir / f"latency-{started.strftime('%Y%m%d-%H%M%S')}"
+    results["markdown"] = markdown(results)
+    results["files"] = {"json": f"{stem}.json", "markdown": f"{stem}.md", "plot": None}
+    if plot(results, Path(f"{stem}.png")):
+        results["files"]["plot"] = f"{stem}.png"
+    with atomic_path(f"{stem}.md") as tmp:
+        tmp.write_text(results["markdown"] + "\n")
+    with atomic_path(f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+    console.print(f"wrote {stem}.json, .md" + (", .png" if results["files"]["plot"] else " (no matplotlib: no plot)"))
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:,.0f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results table, the targets and how they were made."""
+    settings, bw = results["settings"], results["bandwidth"]
+    past = [str(p) for p in settings["past_lengths"]]
+    key = str(settings["ratio_past_length"])
+    prompts = [str(p) for p in settings["prompt_lengths"]]
+    head = (["model", "runtime", "variant", "params M", "file MB", "weights read/step MB", "load s"]
+            + [f"prefill {p} ms" for p in prompts]
+            + [f"{q} @{p} ms" for p in past for q in ("p50", "p90")]
+            + [f"tokens/s @{key}", f"speedup vs {settings['reference']} @{key}", f"floor @{key} ms",
+               f"measured/floor @{key}", "peak RSS MB"]
+            + ([f"RSS gen {settings['memory_new_tokens']} MB"] if settings["memory_new_tokens"] else [])
+            + (["perplexity"] if settings["text_file"] else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in results["models"]:
+        s = m["summary"]
+        decode = [s["decode_ms"].get(p, {}).get(q, {}).get("median") for p in past for q in ("p50", "p90")]
+        speedup, over = s["speedup"].get(key), s["measured_over_floor"].get(key)
+        row = ([m["name"], m["runtime"], m["variant"] or "–", _fmt(m["parameters"] and m["parameters"] / 1e6),
+                _mb(m["file_bytes"]), _mb(m["weight_bytes_per_step"]), _fmt(s["load_s"]["median"], 2)]
+               + [_fmt((s["prefill_ms"].get(p) or {}).get("median")) for p in prompts]
+               + [_fmt(v, 2) for v in decode]
+               + [_fmt(s["tokens_per_s"].get(key)),
+                  "–" if not speedup else f"{speedup['median']:.2f} ({speedup['min']:.2f}–{speedup['max']:.2f})",
+                  _fmt((s["floor_ms"].get(key) or {}).get("median"), 2),
+                  "–" if not over else f"{over['median']:.2f} ({over['min']:.2f}–{over['max']:.2f})",
+                  _mb(s["peak_rss_bytes"]["max"])]
+               + ([_mb((m["memory"] or {}).get("peak_rss_bytes"))] if settings["memory_new_tokens"] else [])
+               + ([_fmt((m["perplexity"] or {}).get("perplexity"), 2)] if settings["text_file"] else []))
+        lines.append("| " + " | ".join(row) + " |")
+    machine = results["machine"]
+    out = [f"## Latency ({machine['cpu']}, {machine['logical_cores']} cores, {settings['threads']} threads, "
+           f"batch {settings['batch']})", "",
+           f"`{' '.join(results['command'])}`", "",
+           "Read bandwidth (numpy sum on 1 and on all threads, BLAS GEMV; >1 GB array, best of 5, per round): "
+          f"{bw['median']:.1f} GB/s "
+           f"({bw['min']:.1f}–{bw['max']:.1f}). Decode times are per step at a fixed past length, median over "
+           f"{settings['rounds']} interleaved rounds of the per-round p50/p90 over {settings['decode_steps']} steps "
+           "(warm-up excluded); ranges are min–max over rounds. The floor is (weights read per step + KV cache "
+           "read) / bandwidth of the same round; speedup is the reference's ms / the model's ms, per round.", "",
+           *lines, "", "### Targets (reported, not asserted)", ""]
+    for t in results["targets"]:
+        verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "MISS")
+        margin = "" if t["margin"] is None else f", margin {t['margin']:+.0%}"
+        out.append(f"- {verdict}: {t['model']}: {t['target']}: measured {_fmt(t['measured'], 2)} vs "
+                   f"{_fmt(t['threshold'], 2)}{margin}")
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """ms/step at the first past length against file size, one point per model, with the floor line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from kninfer.atomic import atomic_path
+
+    key = str(results["settings"]["ratio_past_length"])
+    gb_s = results["bandwidth"]["median"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sizes = []
+    for m in results["models"]:
+        decode = m["summary"]["decode_ms"].get(key)
+        if decode is None:
+            continue
+        size = m["file_bytes"] / 1e6
+        sizes.append(size)
+        marker = "s" if m["runtime"] == "torch" else "o"
+        ax.scatter(size, decode["p50"]["median"], marker=marker, zorder=3)
+        ax.annotate(m["name"], (size, decode["p50"]["median"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        floor = m["summary"]["floor_ms"].get(key)
+        if floor:
+            ax.scatter(size, floor["median"], marker="_", color="grey", s=120, zorder=2)
+    top = max(sizes, default=1) * 1.1
+    ax.plot([0, top], [0, top / gb_s], color="grey", linestyle="--",
+            label=f"floor: file bytes / {gb_s:.1f} GB/s (–: each model's own floor)")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel(f"decode ms/step at past {key} (p50)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{results['machine']['cpu']}, {results['settings']['threads']} threads, "
+                 f"batch {results['settings']['batch']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
