@@ -145,14 +145,16 @@ def finetune(
     seed: Seed = 0,
 ) -> None:
     """Fine-tune on a GLUE task (plain CE, or KD from a fine-tuned teacher), then score the dev split(s)."""
+    from kninfer.tasks import get_task
+
+    glue_task = get_task(task)  # before the heavy imports: a typo fails at once
+
     import torch
     from transformers import DataCollatorWithPadding
 
     from kninfer.modeling.io import load
-    from kninfer.tasks import get_task
     from kninfer.train.glue import as_classifier, evaluate, load_glue, tokenize, with_pad_token
 
-    glue_task = get_task(task)
     kd = kd or ("ilkd" if teacher else "none")
     weights = _alphas(alphas, kd, finetune=True)
     if kd != "none" and teacher is None:
@@ -245,9 +247,10 @@ def eval_glue(
 ) -> None:
     """Score a fine-tuned classifier on a GLUE task's dev split(s) (MNLI: matched and mismatched)."""
     from kninfer.tasks import get_task
-    from kninfer.train.glue import evaluate, with_pad_token
 
     glue_task = get_task(task)
+    from kninfer.train.glue import evaluate, with_pad_token
+
     classifier, tokenizer = _task_classifier(model, glue_task)
     if tokenizer is None:
         raise KninferError(f"'{model}' has no tokenizer saved with it")

@@ -1,0 +1,190 @@
+"""Training: ILKD on a tiny teacher, resume after Ctrl-C, sliding-window perplexity, GLUE fine-tuning from the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, default_data_collator
+
+from kninfer.errors import KninferError
+from kninfer.modeling.compress import compress
+from kninfer.train.eval_lm import perplexity
+from kninfer.train.trainer import fit
+
+BLOCK = 32
+FAST = {"per_device_train_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "seed": 0,
+        "disable_tqdm": True, "save_strategy": "no"}
+
+
+def _blocks(n: int, seed: int = 0) -> Dataset:
+    """Random-token LM blocks over a 500-token slice of the vocabulary (learnable in a few steps)."""
+    ids = np.random.default_rng(seed).integers(0, 500, (n, BLOCK)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * BLOCK] * n, "labels": ids})
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tiny_teacher, tmp_path_factory):
+    """The tiny random teacher after a few steps of plain LM training (kd=none)."""
+    teacher = copy.deepcopy(tiny_teacher)
+    fit(teacher, _blocks(32), tmp_path_factory.mktemp("teacher-ckpt"), kd="none", collator=default_data_collator,
+        max_steps=8, **FAST)
+    return teacher.eval()
+
+
+def _losses(trainer, key: str = "loss") -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_ilkd_loss_falls(trained_teacher, tmp_path):
+    student, _ = compress(trained_teacher, "kngpt2")
+    trainer = fit(student, _blocks(120, seed=1), tmp_path, teacher=trained_teacher, kd="ilkd",
+                  alphas={"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.1},
+                  collator=default_data_collator, max_steps=30, **FAST)
+    losses = np.array(_losses(trainer))
+    assert len(losses) == 30
+    assert losses[-5:].mean() < 0.9 * losses[:5].mean(), losses
+    terms = {t: np.array(_losses(trainer, f"loss_{t}")) for t in ("embedding", "attention", "hidden", "ce")}
+    # every term is logged on its own, and they add up to the logged loss
+    np.testing.assert_allclose(0.5 * (terms["embedding"] + terms["attention"] + terms["hidden"]) + 0.1 * terms["ce"],
+                               losses, atol=2e-4)
+    distillation = 0.5 * (terms["embedding"] + terms["attention"] + terms["hidden"])
+    assert distillation[-5:].mean() < 0.6 * distillation[:5].mean(), distillation
+
+
+def test_ilkd_refuses_a_layer_dropped_student(trained_teacher, tmp_path):
+    student, _ = compress(trained_teacher, "distil")
+    with pytest.raises(KninferError, match="--kd vanilla"):
+        fit(student, _blocks(4), tmp_path, teacher=trained_teacher, kd="ilkd", collator=default_data_collator,
+            max_steps=1, **FAST)
+    trainer = fit(student, _blocks(8), tmp_path, teacher=trained_teacher, kd="vanilla",
+                  collator=default_data_collator, max_steps=2, **FAST)
+    assert len(_losses(trainer, "loss_kd")) == 2
+
+
+class _CtrlCAt(TrainerCallback):
+    """Sends this process a real SIGINT during step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted(trained_teacher, tmp_path):
+    """Ctrl-C at step 3 leaves checkpoint-3; resuming it ends with exactly the uninterrupted run's weights."""
+    options = dict(FAST, save_strategy="steps", save_steps=100, max_steps=6)
+    base, _ = compress(trained_teacher, "kngpt2")
+    kwargs = {"teacher": trained_teacher, "kd": "ilkd", "collator": default_data_collator}
+
+    straight = copy.deepcopy(base)
+    fit(straight, _blocks(40), tmp_path / "a", **kwargs, **options)
+
+    stopped = copy.deepcopy(base)
+    from kninfer.train import trainer as trainer_module
+
+    original_init = trainer_module.DistillTrainer.__init__
+
+    def init_with_ctrl_c(self, *args, **kw):
+        original_init(self, *args, **kw)
+        self.add_callback(_CtrlCAt(3))
+
+    trainer_module.DistillTrainer.__init__ = init_with_ctrl_c
+    try:
+        first = fit(stopped, _blocks(40), tmp_path / "b", **kwargs, **options)
+    finally:
+        trainer_module.DistillTrainer.__init__ = original_init
+    assert first.interrupt.requested and first.state.global_step == 3
+    assert (tmp_path / "b" / "checkpoint-3").is_dir()
+
+    resumed = copy.deepcopy(base)
+    second = fit(resumed, _blocks(40), tmp_path / "b", resume=True, **kwargs, **options)
+    assert second.state.global_step == 6 and not second.interrupt.requested
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(straight.transformer.h[1].mlp.c_fc.A, base.transformer.h[1].mlp.c_fc.A)
+
+
+def _token_nll(model, ids: torch.Tensor) -> np.ndarray:
+    """-log p(ids[t] | ids[:t]) for t >= 1, in float64, from one forward pass."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None]).logits[0, :-1].double(), -1)
+    return -logp[torch.arange(len(ids) - 1), ids[1:]].numpy()
+
+
+def test_perplexity_equals_exp_mean_nll(trained_teacher):
+    ids = torch.tensor(np.random.default_rng(2).integers(0, 500, 100))
+    # a window longer than the text: every token sees its full context, whatever the stride
+    ppl, count = perplexity(trained_teacher, ids, block_size=128, stride=16)
+    assert count == 99
+    assert ppl == pytest.approx(math.exp(_token_nll(trained_teacher, ids).mean()), rel=1e-5)
+    # stride = window: independent chunks, the first token of each chunk unscored
+    ppl, count = perplexity(trained_teacher, ids, block_size=25, stride=25)
+    nll = np.concatenate([_token_nll(trained_teacher, ids[i : i + 25]) for i in range(0, 100, 25)])
+    assert count == len(nll) == 96
+    assert ppl == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+    # overlapping windows: token t (t >= 24) is scored with context from window start max(0, ...) only
+    ppl, count = perplexity(trained_teacher, ids, block_size=32, stride=8)
+    assert count == 99
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-m", "kninfer.cli", *args], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def test_finetune_cli_on_sst2_slice(tiny_teacher_dir, data_dir, tmp_path):
+    """`kninfer finetune` on 200 SST-2 rows writes a classifier and dev metrics that match a padding-free recount."""
+    from kninfer.modeling.io import load
+    from kninfer.tasks import TASKS, read_glue_tsv
+    from kninfer.train.glue import input_text
+
+    out = tmp_path / "sst2"
+    _cli("finetune", "--model", str(tiny_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir / "glue"),
+         "--out", str(out), "--max-samples", "200", "--batch-size", "16", "--max-steps", "4", "--lr", "1e-3")
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]["dev"]
+    model, tokenizer = load(out)
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 2
+    texts, labels = read_glue_tsv(data_dir / "glue/SST-2/dev.tsv", TASKS["sst2"])
+    with torch.no_grad():  # one row at a time: no padding, the last token is the pooled one
+        preds = [model(torch.tensor([tokenizer(input_text(t))["input_ids"][:128]])).logits.argmax().item()
+                 for t in texts]
+    assert metrics["accuracy"] == pytest.approx(np.mean(np.array(preds) == labels), abs=1e-9)
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the `kninfer` entry point in this process: its exit code and stderr."""
+    from kninfer.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["kninfer", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_input_exits_2(tiny_teacher_dir, data_dir, tmp_path, monkeypatch, capsys):
+    code, err = _main(monkeypatch, capsys, "finetune", "--model", str(tiny_teacher_dir), "--task", "squad",
+                      "--out", str(tmp_path / "x"))
+    assert code == 2 and "unknown GLUE task 'squad'" in err and len(err.strip().splitlines()) == 1
+    code, err = _main(monkeypatch, capsys, "eval-glue", str(tiny_teacher_dir), "--task", "sst2")
+    assert code == 2 and "is not a sst2 classifier" in err
+    code, err = _main(monkeypatch, capsys, "distill", "--student", str(tmp_path / "none.pt"), "--teacher",
+                      str(tiny_teacher_dir), "--data", str(data_dir / "sotu"), "--out", str(tmp_path / "x"))
+    assert code == 2 and "no such file" in err
+    code, err = _main(monkeypatch, capsys, "eval-lm", str(tiny_teacher_dir), "--data", str(tmp_path / "nope.txt"))
+    assert code == 2 and "no such file" in err
+    assert not (tmp_path / "x").exists()
