@@ -18,9 +18,9 @@ app = typer.Typer(
 
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
-    from kninfer.cli import export, model, pretrain, run, train
+    from kninfer.cli import demo, export, model, pretrain, run, train
 
-    for module in (model, pretrain, train, export, run):
+    for module in (model, pretrain, train, export, run, demo):
         for command in module.COMMANDS:
             app.command()(command)
     try:

@@ -1,0 +1,127 @@
+"""The main job in one call: teacher -> compress (kngpt2) -> ILKD distillation -> ONNX export -> generate."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from kninfer.atomic import atomic_path
+from kninfer.errors import KninferError
+
+EMBEDDED_TEACHER = files("kninfer") / "data" / "sotu-gpt2"
+HELDOUT_TEXT = files("kninfer") / "data" / "heldout-sotu.txt"
+
+
+@dataclass
+class ModelRow:
+    """One line of the demo's summary."""
+
+    name: str
+    parameters: int
+    onnx_mb: float | None
+    ms_per_token: float | None
+    perplexity: float
+
+
+def sample_blocks(teacher: PreTrainedModel, count: int, block_size: int, seed: int) -> list[list[int]]:
+    """Data-free distillation text: `count` blocks sampled from the teacher itself, each started from EOS."""
+    torch.manual_seed(seed)
+    start = torch.full((count, 1), teacher.config.eos_token_id)
+    with torch.no_grad():
+        out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0, max_length=block_size + 1,
+                               min_length=block_size + 1, pad_token_id=teacher.config.eos_token_id)
+    return out[:, 1:].tolist()
+
+
+def held_out_ids(tokenizer, text_file: Path, context: int) -> torch.Tensor:
+    """Token ids of the held-out text."""
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except OSError as error:
+        raise KninferError(f"cannot read held-out text '{text_file}': {error.strerror}") from None
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"])
+
+
+def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int, block_size: int, batch_size: int,
+             lr: float, prompt: str, eval_text: Path | None, seed: int, log=print) -> list[ModelRow]:
+    """Run the whole pipeline into `out`; returns the summary rows (also written to out/summary.json)."""
+    from datasets import Dataset
+    from transformers import default_data_collator
+
+    from kninfer.bundle import read_bundle
+    from kninfer.export.bundle import export_bundle
+    from kninfer.generate import Sampling, generate
+    from kninfer.modeling.compress import compress, count_parameters
+    from kninfer.modeling.io import load, save
+    from kninfer.session import CausalLM
+    from kninfer.tokenizer import load_tokenizer
+    from kninfer.train.data import lm_blocks, load_lm_text
+    from kninfer.train.eval_lm import perplexity
+    from kninfer.train.trainer import fit
+
+    started = time.perf_counter()
+    teacher, tokenizer = load(teacher_source or str(EMBEDDED_TEACHER))
+    if tokenizer is None:
+        raise KninferError(f"the teacher '{teacher_source}' has no tokenizer saved with it")
+    block_size = min(block_size, teacher.config.n_positions)
+    ids = held_out_ids(tokenizer, eval_text or Path(str(HELDOUT_TEXT)), block_size)
+
+    def ppl(model: PreTrainedModel) -> float:
+        return perplexity(model, ids, block_size, block_size // 2)[0]
+
+    log(f"[1/5] compress: kngpt2 preset, tied Kronecker head ({time.perf_counter() - started:.0f} s)")
+    student, _ = compress(teacher, "kngpt2", tie_head=True)
+    rows = [ModelRow("teacher (dense)", count_parameters(teacher), None, None, ppl(teacher)),
+            ModelRow("kngpt2, before distillation", count_parameters(student), None, None, ppl(student))]
+
+    log(f"[2/5] distil: ILKD, {steps} steps on {'--data ' + data if data else 'text sampled from the teacher'}")
+    if data:
+        dataset = lm_blocks(load_lm_text(data, "train"), tokenizer, block_size, max_samples=steps * batch_size)
+    else:
+        blocks = sample_blocks(teacher, min(steps * batch_size, 512), block_size, seed)
+        dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks),
+                                     "labels": blocks})
+    trainer = fit(student, dataset, out / "checkpoints", teacher=teacher, kd="ilkd", collator=default_data_collator,
+                  max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, seed=seed,
+                  lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no", logging_steps=max(steps // 10, 1),
+                  disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+    student = trainer.model.eval()
+    save(student, out / "student", tokenizer)
+    rows.append(ModelRow("kngpt2 + ILKD", count_parameters(student), None, None, ppl(student)))
+
+    log("[3/5] export: ONNX with KV cache, verified against PyTorch")
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    bundles = {}
+    for row, model, name in ((rows[0], teacher, "teacher"), (rows[2], student, "student")):
+        report = export_bundle(model, out / name / "model.onnx", tokenizer_json=tokenizer_json)
+        bundles[name] = report.onnx_path
+        row.onnx_mb = report.bytes / 1e6
+        log(f"      {name}: {report.onnx_path} ({row.onnx_mb:.1f} MB, {report.nodes} nodes, "
+            f"max |Δlogits| {report.verification.max_abs_diff:.1e})")
+
+    log("[4/5] generate with onnxruntime")
+    torch.set_num_threads(1)  # leave the cores to onnxruntime
+    sampling = Sampling(max_new_tokens=48, temperature=0.8, top_k=40, seed=seed)
+    texts = {}
+    for row, name in ((rows[0], "teacher"), (rows[2], "student")):
+        bundle = read_bundle(bundles[name])
+        lm, runtime_tokenizer = CausalLM(bundle), load_tokenizer(bundle.tokenizer_path)
+        generate(lm, runtime_tokenizer, [prompt], Sampling(max_new_tokens=8))  # warm-up
+        timed = generate(lm, runtime_tokenizer, [prompt], Sampling(max_new_tokens=64))
+        row.ms_per_token = timed.decode_ms / max(timed.decode_steps, 1)
+        texts[name] = generate(lm, runtime_tokenizer, [prompt], sampling).texts[0]
+        log(f"      {name}: {prompt}{texts[name]}")
+
+    seconds = time.perf_counter() - started
+    log(f"[5/5] done in {seconds:.0f} s")
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps({"rows": [asdict(r) for r in rows], "prompt": prompt, "generated": texts,
+                                   "seconds": seconds, "steps": steps, "data": data or "sampled from the teacher"},
+                                  indent=1) + "\n")
+    return rows
