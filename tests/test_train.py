@@ -92,19 +92,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted(trained_teacher, tmp_path):
     fit(straight, _blocks(40), tmp_path / "a", **kwargs, **options)
 
     stopped = copy.deepcopy(base)
-    from kninfer.train import trainer as trainer_module
-
-    original_init = trainer_module.DistillTrainer.__init__
-
-    def init_with_ctrl_c(self, *args, **kw):
-        original_init(self, *args, **kw)
-        self.add_callback(_CtrlCAt(3))
-
-    trainer_module.DistillTrainer.__init__ = init_with_ctrl_c
-    try:
-        first = fit(stopped, _blocks(40), tmp_path / "b", **kwargs, **options)
-    finally:
-        trainer_module.DistillTrainer.__init__ = original_init
+    first = fit(stopped, _blocks(40), tmp_path / "b", callbacks=[_CtrlCAt(3)], **kwargs, **options)
     assert first.interrupt.requested and first.state.global_step == 3
     assert (tmp_path / "b" / "checkpoint-3").is_dir()
 
@@ -134,9 +122,12 @@ def test_perplexity_equals_exp_mean_nll(trained_teacher):
     nll = np.concatenate([_token_nll(trained_teacher, ids[i : i + 25]) for i in range(0, 100, 25)])
     assert count == len(nll) == 96
     assert ppl == pytest.approx(math.exp(nll.mean()), rel=1e-5)
-    # overlapping windows: token t (t >= 24) is scored with context from window start max(0, ...) only
+    # overlapping windows: token t is scored in the first window reaching it, starting at 8k, k = max(0, ⌊(t-32)/8⌋+1)
     ppl, count = perplexity(trained_teacher, ids, block_size=32, stride=8)
+    starts = [max(0, (t - 32) // 8 + 1) * 8 for t in range(1, 100)]
+    nll = [_token_nll(trained_teacher, ids[s : t + 1])[-1] for t, s in zip(range(1, 100), starts, strict=True)]
     assert count == 99
+    assert ppl == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

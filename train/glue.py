@@ -28,7 +28,9 @@ def input_text(texts: tuple[str, ...] | list[str]) -> str:
     return "\n".join(t.strip() for t in texts)
 
 
-def load_glue(task: GlueTask, split: str, data_dir: str | Path | None = None, max_samples: int | None = None) -> Dataset:
+def load_glue(
+    task: GlueTask, split: str, data_dir: str | Path | None = None, max_samples: int | None = None
+) -> Dataset:
     """A split as columns "text" and "label": from `data_dir` in the GLUE layout, else from the hub's `glue`."""
     if data_dir is None:
         try:

@@ -122,17 +122,19 @@ def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 
 def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: PreTrainedModel | None = None,
         kd: str = "none", alphas: dict[str, float] | None = None, temperature: float = 2.0,
-        collator: Any = None, resume: bool = False, **options: Any) -> DistillTrainer:
+        collator: Any = None, resume: bool = False, callbacks: list[TrainerCallback] | None = None,
+        **options: Any) -> DistillTrainer:
     """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
 
     With `resume`, training continues from the last `checkpoint-N` there (same optimizer, scheduler, RNG and
     data position). Check `trainer.interrupt.requested`: True when Ctrl-C stopped it at a saved checkpoint.
     """
+    gpu = torch.cuda.is_available()  # on CPU, use_cpu is what makes torchrun's ranks a gloo process group
     defaults: dict[str, Any] = {"report_to": [], "save_total_limit": 2, "logging_steps": 10, "save_steps": 500,
-                                "dataloader_pin_memory": torch.cuda.is_available()}
+                                "use_cpu": not gpu, "dataloader_pin_memory": gpu}
     args = TrainingArguments(output_dir=str(checkpoints), **(defaults | options))
     trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                             teacher=teacher, kd=kd, alphas=alphas, temperature=temperature)
+                             callbacks=callbacks, teacher=teacher, kd=kd, alphas=alphas, temperature=temperature)
     checkpoint = None
     if resume:
         checkpoint = get_last_checkpoint(str(checkpoints)) if Path(checkpoints).is_dir() else None

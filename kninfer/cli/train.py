@@ -183,7 +183,8 @@ def _task_classifier(source: str, task) -> tuple[Any, Any]:
 
     model, tokenizer = load(source)
     architectures = model.config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or model.config.num_labels != task.num_labels:
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if not is_classifier or model.config.num_labels != task.num_labels:
         raise KninferError(f"'{source}' is not a {task.name} classifier ({', '.join(architectures) or 'unknown'}): "
                            f"fine-tune it first with `kninfer finetune --model ... --task {task.name}`")
     return model, tokenizer
