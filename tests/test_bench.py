@@ -20,6 +20,7 @@ PAST = [4, 16]
 def bundles(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> dict[str, Path]:
     """The tiny dense GPT-2 and its KnGPT2 --tie-head student, exported fp32."""
     from kninfer.export import export_bundle
+
     from kninfer.modeling.compress import compress
 
     root = tmp_path_factory.mktemp("bundles")
@@ -61,9 +62,13 @@ def test_schema_and_settings(run):
             assert set(r["prefill_ms"]) == {"8", "32"} and set(r["decode_ms"]) == {str(p) for p in PAST}
             assert all(len(d["steps"]) == 4 and d["p50"] <= d["p90"] for d in r["decode_ms"].values())
             assert r["load_s"] > 0 and r["peak_rss_bytes"] > r["baseline_rss_bytes"] > 0
-        assert model["memory"]["new_tokens"] == 8 and model["memory"]["peak_rss_bytes"] > 0
+        # a 1.7M-parameter bundle under numpy + onnxruntime needs ~100 MB; ru_maxrss would report the peak of
+        # this pytest process (torch, transformers, the exports), inherited across fork + exec
+        assert model["memory"]["new_tokens"] == 8 and 20e6 < model["memory"]["peak_rss_bytes"] < 400e6
+        assert all(r["peak_rss_bytes"] < 400e6 for r in model["rounds"])
         assert model["perplexity"]["tokens"] > 100 and model["perplexity"]["perplexity"] > 1
-        assert model["parameters"] == json.loads((Path(model["path"]).parent / "kninfer.json").read_text())["parameters"]
+        meta = json.loads((Path(model["path"]).parent / "kninfer.json").read_text())
+        assert model["parameters"] == meta["parameters"]
         assert model["file_bytes"] == Path(model["path"]).stat().st_size
     assert "| gpt2 | onnxruntime | fp32 |" in done.stdout
 
