@@ -75,12 +75,15 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     def ppl(model: PreTrainedModel) -> float:
         return perplexity(model, ids, block_size, block_size // 2)[0]
 
-    log(f"[1/5] compress: kngpt2 preset, tied Kronecker head ({time.perf_counter() - started:.0f} s)")
+    def step(text: str) -> None:
+        log(f"{text} [{time.perf_counter() - started:.0f} s]")
+
+    step("[1/5] compress: kngpt2 preset, tied Kronecker head")
     student, _ = compress(teacher, "kngpt2", tie_head=True)
     rows = [ModelRow("teacher (dense)", count_parameters(teacher), None, None, ppl(teacher)),
             ModelRow("kngpt2, before distillation", count_parameters(student), None, None, ppl(student))]
 
-    log(f"[2/5] distil: ILKD, {steps} steps on {'--data ' + data if data else 'text sampled from the teacher'}")
+    step(f"[2/5] distil: ILKD, {steps} steps on {'--data ' + data if data else 'text sampled from the teacher'}")
     if data:
         dataset = lm_blocks(load_lm_text(data, "train"), tokenizer, block_size, max_samples=steps * batch_size)
     else:
@@ -95,7 +98,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     save(student, out / "student", tokenizer)
     rows.append(ModelRow("kngpt2 + ILKD", count_parameters(student), None, None, ppl(student)))
 
-    log("[3/5] export: ONNX with KV cache, verified against PyTorch")
+    step("[3/5] export: ONNX with KV cache, verified against PyTorch")
     tokenizer_json = tokenizer.backend_tokenizer.to_str()
     bundles = {}
     for row, model, name in ((rows[0], teacher, "teacher"), (rows[2], student, "student")):
@@ -105,7 +108,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
         log(f"      {name}: {report.onnx_path} ({row.onnx_mb:.1f} MB, {report.nodes} nodes, "
             f"max |Δlogits| {report.verification.max_abs_diff:.1e})")
 
-    log("[4/5] generate with onnxruntime")
+    step("[4/5] generate with onnxruntime")
     torch.set_num_threads(1)  # leave the cores to onnxruntime
     sampling = Sampling(max_new_tokens=48, temperature=0.8, top_k=40, seed=seed)
     texts = {}
