@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from kninfer.export.bundle import bundle_metadata, export_bundle
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kninfer.atomic import atomic_path
+from kninfer.export.bundle import bundle_metadata, export_bundle
 from kninfer.modeling.compress import compress
 from kninfer.modeling.io import save
 
@@ -70,6 +70,7 @@ def _entry(folder: Path) -> dict[str, str]:
 def quantize_bundle(model: torch.nn.Module, fp32: Path, out: Path) -> None:
     """The int8 bundle of an exported fp32 bundle, quantized as `kninfer export --int8` does, without re-tracing."""
     import onnx
+
     from kninfer.export.quantize import quantize_int8
 
     meta = bundle_metadata(model, "causal-lm", "int8", fp32.name)

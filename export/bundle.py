@@ -12,12 +12,12 @@ from typing import Any
 
 import onnx
 import torch
-from kninfer.export.dense import densify
-from kninfer.export.onnx_config import TASKS, export_onnx
-from kninfer.export.verify import Verification, check_graph, top1_agreement, verify_causal_lm, verify_classifier
 from transformers import PreTrainedModel
 
 from kninfer.errors import KninferError
+from kninfer.export.dense import densify
+from kninfer.export.onnx_config import TASKS, export_onnx
+from kninfer.export.verify import Verification, check_graph, top1_agreement, verify_causal_lm, verify_classifier
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 
 VARIANTS = ("fp32", "dense", "int8")

@@ -20,7 +20,6 @@ PAST = [4, 16]
 def bundles(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> dict[str, Path]:
     """The tiny dense GPT-2 and its KnGPT2 --tie-head student, exported fp32."""
     from kninfer.export import export_bundle
-
     from kninfer.modeling.compress import compress
 
     root = tmp_path_factory.mktemp("bundles")

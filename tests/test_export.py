@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from kninfer.export import export_bundle
-from kninfer.export.verify import verify_causal_lm, verify_classifier
 from onnx import numpy_helper
 
 from kninfer.errors import KninferError
+from kninfer.export import export_bundle
+from kninfer.export.verify import verify_causal_lm, verify_classifier
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 from kninfer.modeling.compress import compress
 from kninfer.modeling.gpt2 import dense_weight

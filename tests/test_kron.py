@@ -9,8 +9,15 @@ from hypothesis import strategies as st
 
 from kninfer.errors import KninferError
 from kninfer.kron import (
-    KroneckerEmbedding, KroneckerLinear, factor_shapes, kron_sum, nearest_kronecker, pruned_kronecker, rearrange,
-    relative_error, rescaled_kronecker,
+    KroneckerEmbedding,
+    KroneckerLinear,
+    factor_shapes,
+    kron_sum,
+    nearest_kronecker,
+    pruned_kronecker,
+    rearrange,
+    relative_error,
+    rescaled_kronecker,
 )
 
 dims = st.integers(1, 5)
@@ -18,14 +25,15 @@ dims = st.integers(1, 5)
 
 def reference(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """sum_k A_k ⊗ B_k with torch.kron, the independent reference."""
-    return sum(torch.kron(a.contiguous(), b.contiguous()) for a, b in zip(A, B))
+    return sum(torch.kron(a.contiguous(), b.contiguous()) for a, b in zip(A, B, strict=True))
 
 
 @settings(max_examples=40, deadline=None)
 @given(m1=dims, n1=dims, m2=dims, n2=dims, seed=st.integers(0, 2**16))
 def test_exact_kronecker_is_recovered(m1, n1, m2, n2, seed):
     g = torch.Generator().manual_seed(seed)
-    W = torch.kron(torch.randn(m1, n1, generator=g, dtype=torch.float64), torch.randn(m2, n2, generator=g, dtype=torch.float64))
+    A = torch.randn(m1, n1, generator=g, dtype=torch.float64)
+    W = torch.kron(A, torch.randn(m2, n2, generator=g, dtype=torch.float64))
     A, B = nearest_kronecker(W, m1, n1, m2, n2)
     assert torch.allclose(reference(A, B), W, atol=1e-10)
 

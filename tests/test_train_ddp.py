@@ -45,7 +45,8 @@ def _worker(out: Path) -> None:
     ids = np.random.default_rng(0).integers(0, 500, (4 * STEPS, 16)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * len(ids), "labels": ids})
     trainer = trainer_module.fit(student, data, out / "ckpt", teacher=teacher, kd="ilkd",
-                                 collator=default_data_collator, max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
+                                 collator=default_data_collator, max_steps=STEPS, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, logging_steps=1,
                                  save_strategy="no", report_to=[], disable_tqdm=True, seed=0)
     rank = trainer.args.process_index
     torch.save({"state": student.state_dict(), "local": local, "log": trainer.state.log_history,

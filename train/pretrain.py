@@ -44,7 +44,8 @@ def pretrain(
     )
     model = GPT2LMHeadModel(config)
     train_blocks = lm_blocks(text, tokenizer, block_size)
-    eval_blocks = lm_blocks(load_lm_text(eval_data or data, "valid"), tokenizer, block_size) if eval_data or Path(data).is_dir() else None
+    eval_source = eval_data or (data if Path(data).is_dir() else None)
+    eval_blocks = lm_blocks(load_lm_text(eval_source, "valid"), tokenizer, block_size) if eval_source else None
     args = TrainingArguments(
         output_dir=str(out) + ".checkpoints", per_device_train_batch_size=batch_size, learning_rate=lr,
         num_train_epochs=epochs, max_steps=max_steps, lr_scheduler_type="cosine", warmup_ratio=0.05,

@@ -22,7 +22,8 @@ def compress(
     odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
 ) -> None:
     """Compress a dense GPT-2 into a Kronecker student initialised by the nearest Kronecker product."""
-    from kninfer.modeling.compress import compress as build, count_parameters
+    from kninfer.modeling.compress import compress as build
+    from kninfer.modeling.compress import count_parameters
     from kninfer.modeling.io import load, save
 
     dense, tokenizer = load(teacher)

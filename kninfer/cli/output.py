@@ -19,7 +19,8 @@ def print_layers(rows: Sequence[Any], teacher_params: int | None, params: int, p
         table.add_column(column, justify="right" if column.startswith(("params", "init")) else "left")
     for row in rows:
         error = "" if row.error is None else f"{row.error:.3f}"
-        table.add_row(row.path.removeprefix("transformer."), row.before, row.after, f"{row.params_before:,}", f"{row.params_after:,}", error)
+        sizes = f"{row.params_before:,}", f"{row.params_after:,}"
+        table.add_row(row.path.removeprefix("transformer."), row.before, row.after, *sizes, error)
     console.print(table)
     if teacher_params is not None:
         console.print(f"teacher parameters: {teacher_params:,}")

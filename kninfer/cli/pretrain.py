@@ -12,7 +12,7 @@ def pretrain(
     data: Annotated[str, typer.Option(help="Training text: a .txt/.raw file, a folder with train/valid files, "
                                            "or a hub dataset such as wikitext:wikitext-2-raw-v1.")],
     out: Annotated[Path, typer.Option(help="Output directory (Hugging Face format, with tokenizer and log).")],
-    n_layer: Annotated[int, typer.Option(help="Transformer layers (even, so the kngpt2 odd-layer preset applies).")] = 4,
+    n_layer: Annotated[int, typer.Option(help="Layers (even, so kngpt2's odd-layer preset applies).")] = 4,
     n_embd: Annotated[int, typer.Option(help="Hidden size.")] = 256,
     n_head: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     vocab_size: Annotated[int, typer.Option(help="Size of the byte-level BPE vocabulary trained on the data.")] = 8192,

@@ -1,7 +1,11 @@
 """KnGPT2 as a transformers model type (`model_type: "kngpt2"`), registered with the Auto classes on import."""
 
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Tokenizer,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Tokenizer,
     GPT2TokenizerFast,
 )
 

@@ -68,7 +68,8 @@ def factor(teacher: GPT2LMHeadModel, spec: dict[str, Any], init: str) -> tuple[K
         if isinstance(module, KroneckerEmbedding):
             W, _ = dense_weight(teacher, path)
             error = module.load_dense(W, init)
-            rows.append(LayerRow(path, _shape(W), _factors(module.A, module.B.unsqueeze(1)), W.numel(), _count(module), error))
+            after = _factors(module.A, module.B.unsqueeze(1))
+            rows.append(LayerRow(path, _shape(W), after, W.numel(), _count(module), error))
         elif isinstance(module, KroneckerLinear):
             W, b = dense_weight(teacher, path)
             error = module.load_dense(W, b, init)

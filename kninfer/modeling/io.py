@@ -9,8 +9,12 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-    PreTrainedModel, PreTrainedTokenizerFast,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
 )
 
 import kninfer.modeling  # noqa: F401  (registers kngpt2 with the Auto classes)

@@ -41,8 +41,10 @@ def krony_pt_spec(config: GPT2Config, target_params: int | None = None, rank: in
     )
     modules = {}
     for i in range(config.n_layer):
-        modules[f"transformer.h.{i}.mlp.c_fc"] = {"m1": best.m1, "n1": best.n1, "m2": best.m2, "n2": best.n2, "rank": rank}
-        modules[f"transformer.h.{i}.mlp.c_proj"] = {"m1": best.n1, "n1": best.m1, "m2": best.n2, "n2": best.m2, "rank": rank}
+        fc = {"m1": best.m1, "n1": best.n1, "m2": best.m2, "n2": best.n2, "rank": rank}
+        modules[f"transformer.h.{i}.mlp.c_fc"] = fc
+        proj = {"m1": fc["n1"], "n1": fc["m1"], "m2": fc["n2"], "n2": fc["m2"], "rank": rank}  # Aᵀ ⊗ Bᵀ shapes
+        modules[f"transformer.h.{i}.mlp.c_proj"] = proj
     return {"modules": modules, "tie_head": False}
 
 
