@@ -9,12 +9,8 @@ from tokenizers import Tokenizer
 
 from kninfer.errors import KninferError
 from kninfer.session import Classifier
+from kninfer.tasks import input_text
 from kninfer.tokenizer import encode
-
-
-def input_text(texts: tuple[str, ...]) -> str:
-    """One model input from a sentence or a pair: stripped and joined by a newline, as fine-tuning builds it."""
-    return "\n".join(t.strip() for t in texts)
 
 
 def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: int) -> list[list[int]]:

@@ -106,6 +106,11 @@ TASKS: dict[str, GlueTask] = {task.name: task for task in (
 )}
 
 
+def input_text(texts: tuple[str, ...] | list[str]) -> str:
+    """One model input from a row's text fields: stripped and joined by a newline (a pair's separator)."""
+    return "\n".join(t.strip() for t in texts)
+
+
 def get_task(name: str) -> GlueTask:
     """The task called `name` (case and dashes ignored: SST-2, sst2), else a KninferError listing the known ones."""
     key = name.lower().replace("-", "")

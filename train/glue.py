@@ -14,18 +14,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedModel
 
 from kninfer.errors import KninferError
-from kninfer.tasks import GlueTask, read_glue_tsv
+from kninfer.tasks import GlueTask, input_text, read_glue_tsv
 
 HUB_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
               "dev_mismatched": "validation_mismatched"}
 HUB_COLUMNS = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
                "qqp": ("question1", "question2"), "stsb": ("sentence1", "sentence2"),
                "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2")}
-
-
-def input_text(texts: tuple[str, ...] | list[str]) -> str:
-    """One model input from a row's text fields: stripped and joined by a newline (a pair's separator)."""
-    return "\n".join(t.strip() for t in texts)
 
 
 def load_glue(
