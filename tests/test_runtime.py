@@ -304,7 +304,7 @@ def sst2_bundle(tmp_path_factory, sst2_classifier, gpt2_tokenizer) -> Path:
 
 def _torch_logits(model, tokenizer, inputs: list[tuple[str, ...]]) -> np.ndarray:
     """The torch classifier on a right-padded batch, built as fine-tuning builds its inputs."""
-    from kninfer.train.glue import input_text
+    from kninfer.tasks import input_text
 
     tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays unpadded for other tests
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"

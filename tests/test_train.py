@@ -142,7 +142,7 @@ def test_finetune_cli_on_sst2_slice(tiny_teacher_dir, data_dir, tmp_path):
     """`kninfer finetune` on 200 SST-2 rows writes a classifier and dev metrics that match a padding-free recount."""
     from kninfer.modeling.io import load
     from kninfer.tasks import TASKS, read_glue_tsv
-    from kninfer.train.glue import input_text
+    from kninfer.tasks import input_text
 
     out = tmp_path / "sst2"
     _cli("finetune", "--model", str(tiny_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir / "glue"),
