@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from kninfer.errors import KninferError
 from kninfer.session import Classifier
 from kninfer.tasks import input_text
-from kninfer.tokenizer import encode
+from kninfer.tokenizer import encode, pad
 
 
 def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: int) -> list[list[int]]:
@@ -26,17 +26,6 @@ def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: 
     return encoded
 
 
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and attention_mask (batch, longest) with padding on the right: the classifier pools the last token."""
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, np.int64)
-    mask = np.zeros((len(sequences), width), np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = seq
-        mask[row, :len(seq)] = 1
-    return ids, mask
-
-
 def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ...]], batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits (len(inputs), num_labels); inputs of similar length share a batch to pad little."""
@@ -45,7 +34,7 @@ def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ..
     logits: np.ndarray | None = None
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch = model.forward(*right_pad([encoded[i] for i in chunk], model.bundle.pad_token_id))
+        batch = model.forward(*pad([encoded[i] for i in chunk], model.bundle.pad_token_id, side="right"))
         if logits is None:
             logits = np.empty((len(encoded), batch.shape[-1]), np.float32)
         logits[chunk] = batch

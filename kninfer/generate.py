@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from kninfer.errors import KninferError
 from kninfer.session import CausalLM
-from kninfer.tokenizer import decode, encode
+from kninfer.tokenizer import decode, encode, pad
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,6 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str], context: int, max_n
     return encoded
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and attention_mask (batch, longest) with padding on the left, as decoder-only batching needs."""
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, np.int64)
-    mask = np.zeros((len(sequences), width), np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = seq
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 def position_ids(mask: np.ndarray, length: int) -> np.ndarray:
     """The last `length` positions, as transformers' generate() builds them: cumsum(mask) - 1, padding at 1."""
     positions = np.cumsum(mask, axis=1) - 1
@@ -152,7 +141,7 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling
     sampling.check()
     bundle = model.bundle
     prompt_ids = encode_prompts(tokenizer, prompts, bundle.context_length, sampling.max_new_tokens, truncate)
-    ids, mask = left_pad(prompt_ids, bundle.pad_token_id)
+    ids, mask = pad(prompt_ids, bundle.pad_token_id, side="left")
     rng = np.random.default_rng(sampling.seed)
     rows = [_Row() for _ in prompts]
 

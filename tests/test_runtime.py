@@ -17,10 +17,10 @@ import torch
 from kninfer.bundle import read_bundle
 from kninfer.classify import classify, predict
 from kninfer.errors import KninferError
-from kninfer.generate import Sampling, _Row, _stream, generate, left_pad, next_tokens
+from kninfer.generate import Sampling, _Row, _stream, generate, next_tokens
 from kninfer.perplexity import perplexity
 from kninfer.session import CausalLM, Classifier
-from kninfer.tokenizer import decode, encode, load_tokenizer
+from kninfer.tokenizer import decode, encode, load_tokenizer, pad
 
 PROMPTS = ["Hello, my name is", "The capital of France", "In 1905 Einstein published four papers on"]
 NEW_TOKENS = 8
@@ -61,7 +61,7 @@ def models(tiny_teacher, kngpt2, gpt2_bundle, kngpt2_bundle):
 
 def _hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
     """transformers' greedy generate() on a left-padded batch: the new tokens of each row, cut at EOS."""
-    ids, mask = left_pad([tokenizer.encode(p) for p in prompts], 50256)
+    ids, mask = pad([tokenizer.encode(p) for p in prompts], 50256, side="left")
     with torch.no_grad():
         out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                              max_new_tokens=NEW_TOKENS, pad_token_id=50256)
