@@ -193,3 +193,11 @@ def test_compress_cli_errors(tmp_path, tiny_teacher_dir, args, message):
                          capture_output=True, text=True)
     assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_shapes_cli_lists_every_factorisation():
+    run = subprocess.run([sys.executable, "-m", "kninfer.cli", "shapes", "12", "8", "--top", "0"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.count("(") == 2]
+    assert len(rows) == 22  # 6 x 4 divisor pairs minus the two trivial ones, as test_kron counts

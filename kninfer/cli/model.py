@@ -45,4 +45,25 @@ def info(model: Annotated[str, typer.Argument(help="A saved model: directory, .p
     print_layers(report_rows(loaded), None, count_parameters(loaded), count_parameters(loaded, False))
 
 
-COMMANDS = [compress, info]
+def shapes(
+    out_features: Annotated[int, typer.Argument(help="Rows of the weight (nn.Linear's out_features).")],
+    in_features: Annotated[int, typer.Argument(help="Columns of the weight (nn.Linear's in_features).")],
+    rank: Annotated[int, typer.Option(help="Kronecker rank.")] = 1,
+    top: Annotated[int, typer.Option(help="Show this many, smallest first (0: all).")] = 20,
+) -> None:
+    """List the factor shapes A (m1, n1) ⊗ B (m2, n2) of an (out, in) weight with parameters and multiply-adds."""
+    from rich.table import Table
+
+    from kninfer.kron import factor_shapes
+
+    table = Table(title=f"factor shapes of a ({out_features}, {in_features}) weight, rank {rank}")
+    for column in ("A", "B", "parameters", "of dense", "multiply-adds / token"):
+        table.add_column(column, justify="right")
+    found = factor_shapes(out_features, in_features, rank)
+    for s in found[:top or None]:
+        table.add_row(f"({s.m1}, {s.n1})", f"({s.m2}, {s.n2})", f"{s.params:,}",
+                      f"{s.params / (out_features * in_features):.2%}", f"{s.macs:,}")
+    console.print(table)
+
+
+COMMANDS = [compress, info, shapes]
