@@ -46,7 +46,7 @@ from kninfer.atomic import atomic_path
 from kninfer.errors import KninferError
 
 HERE = Path(__file__).resolve().parent
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 
 FULL = {"n_layer": 6, "n_embd": 256, "n_head": 4, "vocab_size": 9216, "block_size": 256,
         "teacher_steps": 800, "teacher_batch": 16, "teacher_lr": 1e-3,
