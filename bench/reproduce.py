@@ -18,11 +18,16 @@ training resumes from its last checkpoint):
    (+ ILKD) with CE and ILKD from the fine-tuned teacher; the ablation students with ILKD;
 6. bench/results/paper-miniature.{json,md,png} (with --quick: in the work folder, named paper-miniature-quick).
 
-Full-run sizes (FULL): teacher 6 layers, d 256, 4 heads, context 256, vocabulary 9,216 (6.9M parameters),
-800 steps × 16 blocks × 256 tokens = 3.3M tokens (~1.7 passes over sotu train), LR 1e-3 cosine; each student
-300 steps × 16 × 256 = 1.2M tokens, LR 5e-4 with linear decay; perplexity over the first 100k tokens of each
-test text (window 256, stride 128); GLUE: the first 1,000 training rows per task, 3 epochs, batch 32, LR 1e-4,
-the whole dev split. Estimated 4-5 hours on 2 unloaded cores; the run's wall time is printed and stored.
+Full-run sizes (FULL), for a few hours on 2 CPU cores:
+- teacher: 6 layers, d 256, 4 heads, context 256, BPE vocabulary 9,216 (6.9M parameters); 800 steps × 16 blocks
+  × 256 tokens = 3.3M tokens (~1.7 passes over sotu train), LR 1e-3, cosine schedule with 5% warm-up;
+- students (~4.8M parameters each, within 0.3% of each other): 300 steps × 16 × 256 = 1.2M tokens each, LR 5e-4
+  with linear decay, seed 0;
+- perplexity: the first 100k tokens of each test text, window 256, stride 128;
+- GLUE: a seeded random sample of 1,000 training rows per task, 3 epochs, batch 32, LR 1e-4, inputs cut to 128
+  tokens; the whole dev split; 40 fine-tunings (25 for Table 5, 15 more for the ablation).
+Estimated from a few timed steps on the shared 2-core machine: teacher ~40 min, students ~80 min, perplexity
+~35 min, GLUE ~2 h: 4-5 hours in all. The run's real wall time is printed and stored with the results.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ class Run:
         self.stages = Stages(self.work)
         self.sotu = str(args.data_dir / "sotu")
         self.wikitext = str(args.data_dir / "wikitext-2-raw" / "wiki.test.raw")
-        self.glue = str(args.data_dir / "glue")
+        self.glue = args.data_dir / "glue"
         self._test_ids: dict[str, Any] = {}
 
     def model(self, name: str) -> Path:
@@ -254,6 +259,24 @@ class Run:
             self._test_ids[text] = torch.tensor(ids[: self.sizes["eval_tokens"]])
         return self._test_ids[text]
 
+    def glue_sample(self, task: str) -> dict[str, Any]:
+        """A seeded random sample of `glue_rows` training rows (the files are ordered by genre and source) + dev."""
+        import random
+
+        from kninfer.tasks import get_task
+
+        folder = get_task(task).folder
+        lines = (self.glue / folder / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+        header, rows = ([], lines) if get_task(task).headerless else (lines[:1], lines[1:])
+        count = min(self.sizes["glue_rows"], len(rows))
+        keep = sorted(random.Random(self.args.seed).sample(range(len(rows)), count))
+        out = self.work / "glue-data" / folder
+        with atomic_path(out / "train.tsv") as tmp:
+            tmp.write_text("".join(header + [rows[i] for i in keep]), encoding="utf-8")
+        with atomic_path(out / "dev.tsv") as tmp:
+            shutil.copyfile(self.glue / folder / "dev.tsv", tmp)
+        return {"train_rows": len(keep), "of": len(rows)}
+
     def finetune(self, task: str, name: str, kd: str) -> dict[str, Any]:
         """Fine-tune a pre-trained model on a GLUE task (`kninfer finetune`) and score the dev split."""
         from kninfer.cli.train import finetune
@@ -261,9 +284,9 @@ class Run:
         s, out = self.sizes, self.glue_model(task, name, kd)
         checkpoints = out.with_name(out.name + ".checkpoints")
         teacher = str(self.glue_model(task, "teacher", "none")) if kd != "none" else None
-        finetune(model=str(self.model(name)), task=task, out=out, data_dir=self.glue, teacher=teacher, kd=kd,
-                 max_length=s["glue_max_length"], batch_size=s["glue_batch"], lr=s["glue_lr"],
-                 epochs=s["glue_epochs"], max_samples=s["glue_rows"], logging_steps=s["logging_steps"],
+        finetune(model=str(self.model(name)), task=task, out=out, data_dir=str(self.work / "glue-data"),
+                 teacher=teacher, kd=kd, max_length=s["glue_max_length"], batch_size=s["glue_batch"],
+                 lr=s["glue_lr"], epochs=s["glue_epochs"], logging_steps=s["logging_steps"],
                  save_steps=s["save_steps"], checkpoints=checkpoints, resume=_has_checkpoint(checkpoints),
                  seed=self.args.seed)
         _remove_checkpoints(checkpoints)
@@ -281,6 +304,8 @@ class Run:
             results[f"lm/{name}"] = run(f"lm/{name}", lambda name=name: self.student(name))
         for name in ("teacher", "kngpt2-init", *STUDENTS):
             results[f"ppl/{name}"] = run(f"ppl/{name}", lambda name=name: self.perplexity(name))
+        for task in dict.fromkeys(self.args.tasks + self.args.ablation_tasks):
+            results[f"glue-data/{task}"] = run(f"glue-data/{task}", lambda task=task: self.glue_sample(task))
         jobs = [(task, model, kd) for task in self.args.tasks for _, model, kd in GLUE_ROWS]
         jobs += [(task, model, "ilkd") for task in self.args.ablation_tasks for _, model, _ in ABLATION_ROWS]
         for task, model, kd in dict.fromkeys(jobs):  # the teacher of each task first; shared rows once
@@ -365,6 +390,7 @@ def differences(sizes: dict[str, Any], results: dict[str, Any], args: argparse.N
     s, teacher = sizes, results["teacher"]
     student_tokens = s["student_steps"] * s["student_batch"] * s["block_size"]
     missing = sorted(set(TASKS) - set(args.tasks))
+    left_out = f", and so are {', '.join(missing)} in this run" if missing else ""
     return [
         f"Teacher: a GPT-2-architecture model with {s['n_layer']} layers, d {s['n_embd']}, {s['n_head']} heads, "
         f"context {s['block_size']}, {teacher['parameters']:,} parameters, trained here from scratch for "
@@ -391,12 +417,12 @@ def differences(sizes: dict[str, Any], results: dict[str, Any], args: argparse.N
         "Loss weights: ILKD pre-training 0.5/0.5/0.5/0.1 (embedding/attention/hidden/CE), fine-tuning "
         "0.5/0.5/0.5/0.02, vanilla KD 0.5/0.5 at temperature 2 (kninfer.train.losses); KD only sets the CE "
         "weight to 0.",
-        f"GLUE: the first {s['glue_rows']:,} training rows of each task ({s['glue_epochs']:g} epoch(s), batch "
-        f"{s['glue_batch']}, LR {s['glue_lr']}, inputs truncated to {s['glue_max_length']} tokens), the whole dev "
-        "split, one seed, no hyper-parameter search; score = GLUE's per-task convention (MRPC mean of accuracy and "
-        "F1, STS-B mean of Pearson and Spearman, CoLA Matthews). MNLI, QQP and QNLI are left out (no training data "
-        "offline)" + (f", and so are {', '.join(missing)} in this run" if missing else "") + ". The ablation students "
-        f"are fine-tuned with ILKD on {', '.join(args.ablation_tasks)}.",
+        f"GLUE: a seeded random sample of {s['glue_rows']:,} training rows of each task ({s['glue_epochs']:g} "
+        f"epoch(s), batch {s['glue_batch']}, LR {s['glue_lr']}, inputs truncated to {s['glue_max_length']} tokens), "
+        "the whole dev split, one seed, no hyper-parameter search; score = GLUE's per-task convention (MRPC mean "
+        "of accuracy and F1, STS-B mean of Pearson and Spearman, CoLA Matthews). MNLI, QQP and QNLI are left "
+        f"out (no training data offline){left_out}. The ablation students are fine-tuned with ILKD on "
+        f"{', '.join(args.ablation_tasks)}.",
         "No model selection on sotu valid (the last step is evaluated; valid only gives the teacher's eval loss); "
         "one seed, no repeats, so differences of a fraction of a point are within noise.",
         f"Hardware: {args.device}, fp32, {os.cpu_count()} logical cores, shared with other work while it ran "

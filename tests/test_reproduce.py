@@ -131,6 +131,14 @@ def test_outputs_written(runs):
     assert not (REPO / "bench" / "results" / "paper-miniature-quick.json").exists()
 
 
+def test_glue_sample_keeps_header_and_rows(runs, mini_data):
+    _, _, work = runs
+    for folder in TASKS.values():  # 50 of 50 rows: the whole file, header first, in file order
+        for split in ("train", "dev"):
+            assert (work / "glue-data" / folder / f"{split}.tsv").read_bytes() == \
+                (mini_data / "glue" / folder / f"{split}.tsv").read_bytes()
+
+
 def test_changed_sizes_refused(runs, mini_data):
     _, _, work = runs
     argv = [sys.executable, str(REPRODUCE), "--quick", "--data-dir", str(mini_data), "--work-dir", str(work),
