@@ -7,15 +7,23 @@ from pathlib import Path
 
 from optimum.exporters.onnx.convert import export
 from optimum.exporters.onnx.model_configs import GPT2OnnxConfig
+from optimum.exporters.onnx.model_patcher import ModelPatcher
 from optimum.exporters.tasks import TasksManager
 from transformers import PreTrainedModel
+
+from kninfer.export.lean import patching_specs
 
 TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}
 
 
 @TasksManager.create_register("onnx")("kngpt2", "text-generation", "text-generation-with-past", "text-classification")
 class KnGPT2OnnxConfig(GPT2OnnxConfig):
-    """KnGPT2 keeps GPT-2's graph interface; only some of its modules are Kronecker layers."""
+    """KnGPT2 keeps GPT-2's graph interface; only some of its modules are Kronecker layers. Both model types
+    trace through export.lean's forwards (constant reshape targets, one mask per graph)."""
+
+    def patch_model_for_export(self, model: PreTrainedModel, model_kwargs: dict | None = None) -> ModelPatcher:
+        self.PATCHING_SPECS = patching_specs(model)  # a fresh list: optimum's patcher extends it in place
+        return super().patch_model_for_export(model, model_kwargs)
 
 
 def export_onnx(model: PreTrainedModel, task: str, output: Path, opset: int) -> None:

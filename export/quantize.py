@@ -13,10 +13,28 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 def quantize_int8(source: Path, target: Path) -> None:
     """Quantize MatMul weights to int8, then point embedding Gathers at the int8 tables (fp32 copies dropped)."""
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on root
-    quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    model = onnx.load(str(source))
+    untie_heads(model.graph)
+    quantize_dynamic(model, target, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     model = onnx.load(str(target))
     rewire_gathers(model.graph)
     onnx.save_model(model, str(target))
+
+
+def untie_heads(graph: onnx.GraphProto) -> None:
+    """Gemm(h, E, transB=1) on a table that a Gather also reads -> MatMul(h, Eᵀ) on its own copy: the int8 head
+    then gets its own quantized weight instead of staying fp32 (DESIGN.md, the tied-head int8 trap)."""
+    initializers = {t.name: t for t in graph.initializer}
+    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    for index, node in enumerate(graph.node):
+        attributes = {a.name: a.i for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in gathered or node.input[1] not in initializers \
+                or attributes != {"transB": 1} or len(node.input) > 2:
+            continue
+        head = f"{node.input[1]}_head"
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[1]]).T.copy(),
+                                                         head))
+        graph.node[index].CopyFrom(helper.make_node("MatMul", [node.input[0], head], list(node.output), name=node.name))
 
 
 def rewire_gathers(graph: onnx.GraphProto) -> None:

@@ -75,6 +75,29 @@ def test_no_4d_transpose_outside_attention(exported):
             assert not any(part in node.name for part in kronecker_scopes), node.name
 
 
+def test_blocks_reshape_to_constant_targets(exported):
+    """DESIGN.md "Static reshapes": no size-based reshape (Shape node) inside any block; the mask is built once."""
+    for name in ("kngpt2-tied", "gpt2"):
+        graph = onnx.load(str(exported[name])).graph
+        assert not [n.name for n in graph.node if n.op_type == "Shape" and "/h." in n.name], name
+        assert sum(n.op_type == "Where" for n in graph.node) == 1, name
+
+
+def test_dense_tied_head_reads_the_embedding(models, exported, tmp_path):
+    """fp32: one table, read by the Gather and by the head's Gemm(transB=1); int8: the head gets its own weight."""
+    model = models["gpt2"]
+    vocab, d = model.config.vocab_size, model.config.n_embd
+    (name,) = holding(initializers(exported["gpt2"]), model.transformer.wte.weight)
+    users = [n for n in onnx.load(str(exported["gpt2"])).graph.node if name in n.input]
+    assert sorted(n.op_type for n in users) == ["Gather", "Gemm"]
+    report = export_bundle(model, tmp_path / "int8.onnx", variant="int8", verify=False)
+    assert report.int8_agreement > 0.5
+    graph = onnx.load(str(report.onnx_path)).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    assert [shapes[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger" and "lm_head" in n.name] == [
+        [d, vocab]]
+
+
 def test_tied_factor_stored_once(models, exported):
     graph = onnx.load(str(exported["kngpt2-tied"])).graph
     embedding: KroneckerEmbedding = models["kngpt2-tied"].transformer.wte
