@@ -19,10 +19,10 @@ training resumes from its last checkpoint):
 6. bench/results/paper-miniature.{json,md,png} (with --quick: in the work folder, named paper-miniature-quick).
 
 Full-run sizes (FULL), for a few hours on 2 CPU cores:
-- teacher: 6 layers, d 256, 4 heads, context 256, BPE vocabulary 9,216 (6.9M parameters); 800 steps × 16 blocks
-  × 256 tokens = 3.3M tokens (~1.7 passes over sotu train), LR 1e-3, cosine schedule with 5% warm-up;
-- students (~4.8M parameters each, within 0.3% of each other): 300 steps × 16 × 256 = 1.2M tokens each, LR 5e-4
-  with linear decay, seed 0;
+- teacher: 6 layers, d 256, 4 heads, context 256, BPE vocabulary 9,216 (7.16M parameters); 800 steps × 16 blocks
+  × 256 tokens = 3.3M tokens (about two passes over sotu train), LR 1e-3, cosine schedule with 5% warm-up;
+- students: KnGPT2 4,804,646 and Distil 4,794,624 parameters (+0.21%); 300 steps × 16 × 256 = 1.2M tokens
+  each, LR 5e-4 with linear decay, seed 0;
 - perplexity: the first 100k tokens of each test text, window 256, stride 128;
 - GLUE: a seeded random sample of 1,000 training rows per task, 3 epochs, batch 32, LR 1e-4, inputs cut to 128
   tokens; the whole dev split; 40 fine-tunings (25 for Table 5, 15 more for the ablation).
@@ -64,15 +64,13 @@ QUICK = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 416, "block_size
          "eval_tokens": 2048, "glue_rows": 50, "glue_epochs": 1.0, "glue_batch": 16, "glue_lr": 1e-3,
          "glue_max_length": 64, "logging_steps": 5, "save_steps": 10_000}
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
-KD_ONLY_ALPHAS = "0.5,0.5,0.5,0"  # the pre-training ILKD weights with the CE term switched off
-
-# name -> (student to start from, KD mode, ILKD weights or None for the defaults)
+# name -> (student to start from, KD mode, weight of the CE term: None keeps the paper's default)
 STUDENTS = {
     "distil-lm": ("distil-init", "none", None),
     "distil-kd": ("distil-init", "vanilla", None),
     "kngpt2-lm": ("kngpt2-init", "none", None),
     "kngpt2-ilkd": ("kngpt2-init", "ilkd", None),
-    "kngpt2-kd-only": ("kngpt2-init", "ilkd", KD_ONLY_ALPHAS),
+    "kngpt2-kd-only": ("kngpt2-init", "ilkd", 0.0),
 }
 # Paper values, as recalled from arXiv 2110.08152 (check them against the paper); None: "see paper".
 LM_ROWS = (  # (row, model, paper WikiText-103 test perplexity)
@@ -118,8 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data_dir is None:
         parser.error("--data-dir is required when $KNINFER_DATA is not set")
-    args.tasks = _task_list(args.tasks)
-    args.ablation_tasks = _task_list(args.ablation_tasks) if args.ablation_tasks else args.tasks
+    try:
+        args.tasks = _task_list(args.tasks)
+        args.ablation_tasks = _task_list(args.ablation_tasks) if args.ablation_tasks else args.tasks
+    except KninferError as error:
+        parser.error(str(error))
+    if not args.tasks or not args.ablation_tasks:
+        parser.error("--tasks and --ablation-tasks need at least one GLUE task")
     suffix = "-quick" if args.quick else ""
     args.work_dir = args.work_dir or Path.home() / ".cache" / "kninfer" / f"paper-miniature{suffix}"
     args.results_dir = args.results_dir or (args.work_dir if args.quick else HERE / "results")
@@ -214,19 +217,19 @@ class Run:
         from kninfer.cli.train import distill
         from kninfer.modeling.compress import count_parameters
         from kninfer.modeling.io import load
-        from kninfer.train.losses import default_alphas
+        from kninfer.train.losses import TERMS, default_alphas
 
-        start, kd, alphas = STUDENTS[name]
+        start, kd, ce = STUDENTS[name]
+        weights = default_alphas(kd, finetune=False) | ({} if ce is None else {"ce": ce})
         s, out = self.sizes, self.model(name)
         checkpoints = out.with_name(out.name + ".checkpoints")
         distill(student=str(self.model(start)), data=self.sotu, out=out,
-                teacher=str(self.model("teacher")) if kd != "none" else None, kd=kd, alphas=alphas,
+                teacher=str(self.model("teacher")) if kd != "none" else None, kd=kd,
+                alphas=",".join(str(weights[term]) for term in TERMS[kd]),
                 block_size=s["block_size"], batch_size=s["student_batch"], lr=s["student_lr"],
                 max_steps=s["student_steps"], logging_steps=s["logging_steps"], save_steps=s["save_steps"],
                 checkpoints=checkpoints, resume=_has_checkpoint(checkpoints), seed=self.args.seed)
         _remove_checkpoints(checkpoints)
-        weights = dict(zip(("embedding", "attention", "hidden", "ce"), map(float, alphas.split(",")), strict=True)) \
-            if alphas else default_alphas(kd, finetune=False)
         return {"parameters": count_parameters(load(out)[0]), "start": start, "kd": kd, "alphas": weights,
                 "steps": s["student_steps"], "tokens": s["student_steps"] * s["student_batch"] * s["block_size"]}
 

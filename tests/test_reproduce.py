@@ -145,3 +145,12 @@ def test_changed_sizes_refused(runs, mini_data):
             "--seed", "1", "--tasks", "sst2"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "other settings (seed)" in done.stderr
+
+
+def test_only_a_missing_stage_reruns(runs, mini_data):
+    first, _, work = runs
+    (work / "stages" / "ppl" / "distil-lm.json").unlink()
+    _run(mini_data, work)
+    third = json.loads((work / "paper-miniature-quick.json").read_text())
+    assert [name for name, stage in third["stages"].items() if stage["ran"]] == ["ppl/distil-lm"]
+    assert third["tables"] == first["tables"]  # perplexity is deterministic: the same figures again
