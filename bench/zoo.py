@@ -7,7 +7,6 @@ under the output directory; a folder that is already complete is reused (pass `r
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kninfer.atomic import atomic_path
-from kninfer.export.bundle import bundle_metadata, export_bundle
+from kninfer.export.bundle import bundle_metadata, export_bundle, quantize_bundle
 from kninfer.modeling.compress import compress
 from kninfer.modeling.io import save
 
@@ -40,7 +39,7 @@ def build_zoo(out: Path, tokenizer_json: str, rebuild: bool = False,
             export_bundle(model, fp32 / "model.onnx", tokenizer_json=tokenizer_json, verify=False)
         if rebuild or _missing(int8):
             progress(f"quantizing {name} int8")
-            quantize_bundle(model, fp32 / "model.onnx", int8)
+            quantize_bundle(fp32 / "model.onnx", int8 / "model.onnx")
         entries += [_entry(fp32), _entry(int8)]
         if preset is None:
             for variant in ("fp32", "int8"):
@@ -65,22 +64,6 @@ def _missing(folder: Path) -> bool:
 def _entry(folder: Path) -> dict[str, str]:
     onnx_file = json.loads((folder / "kninfer.json").read_text())["onnx_file"]
     return {"name": folder.name, "path": str(folder / onnx_file), "runtime": "onnxruntime"}
-
-
-def quantize_bundle(model: torch.nn.Module, fp32: Path, out: Path) -> None:
-    """The int8 bundle of an exported fp32 bundle, quantized as `kninfer export --int8` does, without re-tracing."""
-    import onnx
-
-    from kninfer.export.quantize import quantize_int8
-
-    meta = bundle_metadata(model, "causal-lm", "int8", fp32.name)
-    with atomic_path(out, directory=True) as work:
-        quantize_int8(fp32, work / fp32.name)
-        graph = onnx.load(str(work / fp32.name))
-        onnx.helper.set_model_props(graph, {k: json.dumps(v) for k, v in meta.items()})
-        onnx.save_model(graph, str(work / fp32.name))
-        (work / "kninfer.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.copyfile(fp32.parent / "tokenizer.json", work / "tokenizer.json")
 
 
 def optimum_bundle(teacher: GPT2LMHeadModel, out: Path, variant: str, fp32_folder: Path, tokenizer_json: str) -> None:

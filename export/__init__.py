@@ -1,5 +1,5 @@
 """Export to ONNX (kninfer.export): factored Kronecker layers, KV cache, verification, int8, bundle writing."""
 
-from kninfer.export.bundle import ExportReport, export_bundle
+from kninfer.export.bundle import ExportReport, export_bundle, quantize_bundle
 
-__all__ = ["ExportReport", "export_bundle"]
+__all__ = ["ExportReport", "export_bundle", "quantize_bundle"]

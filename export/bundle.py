@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,7 @@ def export_bundle(
     _check_task(model, task)
     model = (densify(model) if variant == "dense" else model).eval()
     layers = sum(isinstance(m, (KroneckerLinear, KroneckerEmbedding)) for m in model.modules())
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as error:
-        raise KninferError(f"cannot write to '{out.parent}': {error.strerror}") from None
-    try:
+    with _staging(out) as work:
         fp32 = work / "fp32.onnx"
         with torch.no_grad():
             export_onnx(model, task, fp32, opset)
@@ -66,31 +63,30 @@ def export_bundle(
                                f"{verification.max_abs_diff:.3g} (> {1e-4:g})")
         final, agreement = fp32, None
         if variant == "int8":
-            from kninfer.export.quantize import quantize_int8
-
             final = work / "int8.onnx"
-            quantize_int8(fp32, final)
-            if task == "causal-lm":
-                ids = sample_ids or list(range(0, model.config.vocab_size, max(1, model.config.vocab_size // 64)))
-                agreement = top1_agreement(str(fp32), str(final), _as_batch(ids))
-        graph = onnx.load(str(final))
-        metadata = bundle_metadata(model, task, variant, out.name)
-        onnx.helper.set_model_props(graph, {k: json.dumps(v) for k, v in metadata.items()})
-        staged = work / out.name
-        _save(graph, staged)
-        (work / "kninfer.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        names = [out.name, "kninfer.json"] + ([f"{out.name}.data"] if (work / f"{out.name}.data").exists() else [])
-        if tokenizer_json is not None:
-            (work / "tokenizer.json").write_text(tokenizer_json)
-            names.append("tokenizer.json")
-        for name in names:
-            os.replace(work / name, out.parent / name)
-        return ExportReport(out, sum((out.parent / n).stat().st_size for n in names if n.startswith(out.name)),
-                            len(graph.graph.node), layers, verification, agreement)
-    except OSError as error:
-        raise KninferError(f"cannot write '{out}': {error.strerror or error}") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            agreement = _quantize(fp32, final, task, model.config.vocab_size, sample_ids)
+        size, nodes = _publish(final, bundle_metadata(model, task, variant, out.name), work, out, tokenizer_json)
+        return ExportReport(out, size, nodes, layers, verification, agreement)
+
+
+def quantize_bundle(source: str | os.PathLike, out: str | os.PathLike,
+                    sample_ids: list[int] | None = None) -> ExportReport:
+    """The int8 bundle `out` (.onnx) of the exported fp32 bundle whose graph is `source`, without tracing again."""
+    source, out = Path(source), Path(out)
+    try:
+        metadata = json.loads((source.parent / "kninfer.json").read_text())
+        tokenizer = source.parent / "tokenizer.json"
+        tokenizer_json = tokenizer.read_text() if tokenizer.is_file() else None
+    except (OSError, json.JSONDecodeError) as error:
+        raise KninferError(f"'{source}' is not in a readable bundle (kninfer.json beside it): {error}") from None
+    if metadata.get("variant") != "fp32":
+        raise KninferError(f"'{source}' is a {metadata.get('variant')} bundle: quantize an fp32 one")
+    metadata = {**metadata, "variant": "int8", "onnx_file": out.name}
+    with _staging(out) as work:
+        final = work / "int8.onnx"
+        agreement = _quantize(source, final, metadata["task"], metadata["vocab_size"], sample_ids)
+        size, nodes = _publish(final, metadata, work, out, tokenizer_json)
+        return ExportReport(out, size, nodes, len((metadata["kronecker"] or {}).get("modules", {})), None, agreement)
 
 
 def bundle_metadata(model: PreTrainedModel, task: str, variant: str, onnx_file: str) -> dict[str, Any]:
@@ -148,6 +144,51 @@ def _as_batch(ids: list[int]):
     import numpy as np
 
     return np.asarray([ids], np.int64)
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A scratch folder beside `out`, removed afterwards whatever happens; OSErrors become one-line errors."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:
+        raise KninferError(f"cannot write to '{out.parent}': {error.strerror}") from None
+    try:
+        yield work
+    except OSError as error:
+        raise KninferError(f"cannot write '{out}': {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _quantize(fp32: Path, int8: Path, task: str, vocab_size: int, sample_ids: list[int] | None) -> float | None:
+    """Write the int8 graph; for a causal LM return its top-1 agreement with the fp32 one on sample ids."""
+    from kninfer.export.quantize import quantize_int8
+
+    quantize_int8(fp32, int8)
+    if task != "causal-lm":
+        return None
+    ids = sample_ids or list(range(0, vocab_size, max(1, vocab_size // 64)))
+    return top1_agreement(str(fp32), str(int8), _as_batch(ids))
+
+
+def _publish(graph_path: Path, metadata: dict[str, Any], work: Path, out: Path,
+             tokenizer_json: str | None) -> tuple[int, int]:
+    """Stage the graph (metadata in its props), kninfer.json and tokenizer.json, then rename them beside `out`;
+    returns the graph's bytes on disk and its node count."""
+    graph = onnx.load(str(graph_path))
+    onnx.helper.set_model_props(graph, {k: json.dumps(v) for k, v in metadata.items()})
+    _save(graph, work / out.name)
+    names = [out.name] + ([f"{out.name}.data"] if (work / f"{out.name}.data").exists() else [])
+    if tokenizer_json is not None:
+        (work / "tokenizer.json").write_text(tokenizer_json)
+        names.append("tokenizer.json")
+    (work / "kninfer.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    names.append("kninfer.json")  # last: its presence marks a complete bundle
+    for name in names:
+        os.replace(work / name, out.parent / name)
+    return sum((out.parent / n).stat().st_size for n in names if n.startswith(out.name)), len(graph.graph.node)
 
 
 def _save(graph: onnx.ModelProto, path: Path) -> None:

@@ -13,8 +13,8 @@ import torch
 from onnx import numpy_helper
 
 from kninfer.errors import KninferError
-from kninfer.export import export_bundle
-from kninfer.export.verify import verify_causal_lm, verify_classifier
+from kninfer.export import export_bundle, quantize_bundle
+from kninfer.export.verify import CachedRunner, session, verify_causal_lm, verify_classifier
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 from kninfer.modeling.compress import compress
 from kninfer.modeling.gpt2 import dense_weight
@@ -148,6 +148,24 @@ def test_int8_reads_the_int8_table(models, tmp_path):
     vocab, d = model.config.vocab_size, model.config.n_embd
     floats = [v for v in initializers(report.onnx_path).values() if v.dtype == np.float32]
     assert all(v.size < vocab * d // 2 for v in floats), "the fp32 embedding factor is still stored"
+
+
+def test_quantize_bundle_matches_export_int8(models, exported, tmp_path):
+    """Quantizing an exported fp32 bundle gives what `export --int8` gives, without tracing again."""
+    direct = export_bundle(models["kngpt2-tied"], tmp_path / "direct" / "m.onnx", variant="int8", verify=False)
+    report = quantize_bundle(exported["kngpt2-tied"], tmp_path / "later" / "q.onnx")
+    meta = json.loads((tmp_path / "later" / "kninfer.json").read_text())
+    fp32_meta = json.loads((exported["kngpt2-tied"].parent / "kninfer.json").read_text())
+    assert meta == {**fp32_meta, "variant": "int8", "onnx_file": "q.onnx"}
+    assert report.int8_agreement == direct.int8_agreement
+    config = models["kngpt2-tied"].config
+    ids = np.arange(0, config.vocab_size, 97, dtype=np.int64)[None, :20]
+    logits = [CachedRunner(session(str(p)), config.n_layer, config.n_head, config.n_embd // config.n_head).step(
+        ids, np.ones_like(ids)) for p in
+              (direct.onnx_path, report.onnx_path)]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
+    with pytest.raises(KninferError, match="quantize an fp32 one"):
+        quantize_bundle(report.onnx_path, tmp_path / "again" / "q.onnx")
 
 
 def test_bundle_files(models, tmp_path, gpt2_tokenizer):
