@@ -65,14 +65,38 @@ def test_kronecker_layers_stay_factored(models, exported):
     print(f"\nkngpt2 --tie-head tiny graph: {len(graph.node)} nodes")
 
 
-def test_no_4d_transpose_outside_attention(exported):
-    graph = onnx.load(str(exported["kngpt2-tied"])).graph
-    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(exported["kngpt2-tied"]))).graph
+@pytest.fixture(scope="module")
+def balanced(tiny_teacher, tmp_path_factory):
+    """Custom specs with balanced factors (the general branch: neither n2 nor m2 is 1), rank 1 and 2, exported."""
+    exports = {}
+    for rank in (1, 2):
+        folder = tmp_path_factory.mktemp(f"balanced-r{rank}")
+        spec = {"modules": {"transformer.h.*.mlp.*": {"m1": 8, "n1": 4, "rank": rank},
+                            "transformer.h.1.attn.c_proj": {"m2": 4, "n2": 8, "rank": rank}}}
+        (folder / "spec.json").write_text(json.dumps(spec))
+        model = compress(tiny_teacher, str(folder / "spec.json"))[0].eval()
+        exports[rank] = model, export_bundle(model, folder / "model.onnx", verify=False).onnx_path
+    return exports
+
+
+@pytest.mark.parametrize("name", ["kngpt2-tied", "krony-pt", "balanced-r1"])
+def test_no_4d_transpose_outside_attention(exported, balanced, name):
+    path = balanced[1][1] if name == "balanced-r1" else exported[name]
+    graph = onnx.load(str(path)).graph
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]}
-    for node in graph.node:
-        if node.op_type == "Transpose" and ranks.get(node.input[0]) == 4:
-            kronecker_scopes = ("/c_attn/", "/c_proj/", "/mlp/", "/wte/", "lm_head")
-            assert not any(part in node.name for part in kronecker_scopes), node.name
+    transposes = [n.name for n in graph.node if n.op_type == "Transpose" and ranks.get(n.input[0], 0) >= 4]
+    kronecker_scopes = ("/c_attn/", "/c_proj/", "/mlp/", "/wte/", "lm_head")
+    assert transposes and not [t for t in transposes if any(part in t for part in kronecker_scopes)]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_balanced_factors_match_torch(balanced, rank):
+    model, path = balanced[rank]
+    assert sum(isinstance(m, KroneckerLinear) and m.rank == rank for m in model.modules()) == 9
+    assert verify_causal_lm(model, str(path), lengths=[6, 3, 1]).max_abs_diff <= TOL
+    report = quantize_bundle(path, path.parent / "int8" / "model.onnx")
+    assert report.int8_agreement > 0.5
 
 
 def test_blocks_reshape_to_constant_targets(exported):
