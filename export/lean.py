@@ -9,6 +9,8 @@ for the duration of the export only.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from optimum.exporters.onnx.model_patcher import PatchingSpec
@@ -49,32 +51,46 @@ def conv1d_forward(self: Conv1D, x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, self.weight) + self.bias
 
 
-class _GemmTransB(torch.autograd.Function):
-    """x @ Wᵀ as one Gemm(transB=1) reading W itself: torch's exporter would fold Wᵀ into a second initializer."""
+class _SharedTableHead(torch.autograd.Function):
+    """hidden @ Wᵀ as Reshape -> Gemm(transB=1) on W itself -> Reshape back: torch's exporter would fold Wᵀ into a
+    second initializer, and `unflatten` traces to a long Shape chain."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x @ weight.T
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return hidden @ weight.T
 
     @staticmethod
-    def symbolic(g, x, weight):
-        return g.op("Gemm", x, weight, transB_i=1)
+    def symbolic(g, hidden, weight):
+        width = weight.type().sizes()[1]
+        flat = g.op("Reshape", hidden, g.op("Constant", value_t=torch.tensor([-1, width])))
+        logits = g.op("Gemm", flat, weight, transB_i=1)
+        target = g.op("Concat", g.op("Shape", hidden, end_i=-1), g.op("Constant", value_t=torch.tensor([-1])), axis_i=0)
+        return g.op("Reshape", logits, target)
 
 
 def shared_table_head(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """A head tied to the embedding, reading the embedding's own initializer."""
-    logits = _GemmTransB.apply(reshape_tail(hidden, hidden.dim(), (-1, self.in_features)), self.weight)
-    return logits.unflatten(0, hidden.shape[:-1])
+    return _SharedTableHead.apply(hidden, self.weight)
 
 
-def patching_specs(model: nn.Module) -> list[PatchingSpec]:
-    """The swaps for optimum's ModelPatcher; the head's only where it is an nn.Linear tied to the embedding."""
-    specs = [PatchingSpec(modeling_gpt2, "create_causal_mask", causal_mask),
-             PatchingSpec(GPT2Attention, "forward", attention_forward), PatchingSpec(Conv1D, "forward", conv1d_forward)]
+def patching_specs() -> list[PatchingSpec]:
+    """The swaps for optimum's ModelPatcher (a fresh list: the patcher extends it in place)."""
+    return [PatchingSpec(modeling_gpt2, "create_causal_mask", causal_mask),
+            PatchingSpec(GPT2Attention, "forward", attention_forward), PatchingSpec(Conv1D, "forward", conv1d_forward)]
+
+
+@contextmanager
+def tied_head_reads_embedding(model: nn.Module) -> Iterator[None]:
+    """Within: an nn.Linear head tied to the embedding runs as `shared_table_head`; elsewhere nothing changes."""
     head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear) and head.weight is getattr(model.get_input_embeddings(), "weight", None):
-        specs.append(PatchingSpec(head, "forward", types.MethodType(shared_table_head, head)))
-    return specs
+    tied = isinstance(head, nn.Linear) and head.weight is getattr(model.get_input_embeddings(), "weight", None)
+    if tied:
+        head.forward = types.MethodType(shared_table_head, head)
+    try:
+        yield
+    finally:
+        if tied:
+            del head.forward
 
 
 def _qkv(attn: GPT2Attention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,7 @@ from optimum.exporters.onnx.model_patcher import ModelPatcher
 from optimum.exporters.tasks import TasksManager
 from transformers import PreTrainedModel
 
-from kninfer.export.lean import patching_specs
+from kninfer.export.lean import patching_specs, tied_head_reads_embedding
 
 TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}
 
@@ -22,7 +22,7 @@ class KnGPT2OnnxConfig(GPT2OnnxConfig):
     trace through export.lean's forwards (constant reshape targets, one mask per graph)."""
 
     def patch_model_for_export(self, model: PreTrainedModel, model_kwargs: dict | None = None) -> ModelPatcher:
-        self.PATCHING_SPECS = patching_specs(model)  # a fresh list: optimum's patcher extends it in place
+        self.PATCHING_SPECS = patching_specs()
         return super().patch_model_for_export(model, model_kwargs)
 
 
@@ -32,4 +32,5 @@ def export_onnx(model: PreTrainedModel, task: str, output: Path, opset: int) -> 
                               use_past_in_inputs=task == "causal-lm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python control flow that optimum's patches handle
-        export(model, config, output, opset=opset)
+        with tied_head_reads_embedding(model):
+            export(model, config, output, opset=opset)
