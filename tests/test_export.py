@@ -164,9 +164,15 @@ def test_classification_graph(tiny_teacher, tmp_path):
     assert meta["task"] == "sequence-classification" and meta["kv_cache"] is None and len(meta["labels"]) == 2
 
 
-def test_int8_reads_the_int8_table(models, tmp_path):
-    model = models["kngpt2-tied"]
-    report = export_bundle(model, tmp_path / "int8.onnx", variant="int8", verify=False)
+@pytest.fixture(scope="module")
+def int8(models, tmp_path_factory):
+    """kngpt2 --tie-head exported as int8 directly."""
+    return export_bundle(models["kngpt2-tied"], tmp_path_factory.mktemp("int8") / "int8.onnx", variant="int8",
+                         verify=False)
+
+
+def test_int8_reads_the_int8_table(models, int8):
+    model, report = models["kngpt2-tied"], int8
     assert report.int8_agreement > 0
     print(f"\nint8 top-1 agreement with fp32 (random tiny model, sample ids): {report.int8_agreement:.1%}")
     vocab, d = model.config.vocab_size, model.config.n_embd
@@ -174,19 +180,18 @@ def test_int8_reads_the_int8_table(models, tmp_path):
     assert all(v.size < vocab * d // 2 for v in floats), "the fp32 embedding factor is still stored"
 
 
-def test_quantize_bundle_matches_export_int8(models, exported, tmp_path):
+def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
     """Quantizing an exported fp32 bundle gives what `export --int8` gives, without tracing again."""
-    direct = export_bundle(models["kngpt2-tied"], tmp_path / "direct" / "m.onnx", variant="int8", verify=False)
     report = quantize_bundle(exported["kngpt2-tied"], tmp_path / "later" / "q.onnx")
     meta = json.loads((tmp_path / "later" / "kninfer.json").read_text())
     fp32_meta = json.loads((exported["kngpt2-tied"].parent / "kninfer.json").read_text())
     assert meta == {**fp32_meta, "variant": "int8", "onnx_file": "q.onnx"}
-    assert report.int8_agreement == direct.int8_agreement
+    assert report.int8_agreement == int8.int8_agreement
     config = models["kngpt2-tied"].config
     ids = np.arange(0, config.vocab_size, 97, dtype=np.int64)[None, :20]
     logits = [CachedRunner(session(str(p)), config.n_layer, config.n_head, config.n_embd // config.n_head).step(
         ids, np.ones_like(ids)) for p in
-              (direct.onnx_path, report.onnx_path)]
+              (int8.onnx_path, report.onnx_path)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
     with pytest.raises(KninferError, match="quantize an fp32 one"):
         quantize_bundle(report.onnx_path, tmp_path / "again" / "q.onnx")
