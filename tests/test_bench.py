@@ -95,8 +95,8 @@ def test_ratios_and_floors_recomputed_from_the_same_rounds(run):
 
 
 def test_weight_bytes_per_step_from_the_graph(run):
-    """All initializer bytes, less the Gather-only position table (one row read) and, for the dense export,
-    the Gather-only token table; the tied Kronecker Aᵀ is also the head's MatMul weight, so it is read in full."""
+    """All initializer bytes, less the Gather-only position table (one row read): both token tables are also
+    the tied head's weight (dense: Gemm with transB; Kronecker: Aᵀ in a MatMul), so they are read in full."""
     import onnx
     from onnx import numpy_helper
 
@@ -104,8 +104,8 @@ def test_weight_bytes_per_step_from_the_graph(run):
     for model in results["models"]:
         arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(model["path"]).graph.initializer}
         total = sum(a.nbytes for a in arrays.values())
-        gather_only = ["transformer.wpe.weight"] + (["transformer.wte.weight"] if model["name"] == "gpt2" else [])
-        expected = total - sum(arrays[n].nbytes - arrays[n].nbytes // arrays[n].shape[0] for n in gather_only)
+        position = arrays["transformer.wpe.weight"]
+        expected = total - (position.nbytes - position.nbytes // position.shape[0])
         assert model["weight_bytes"] == total
         assert model["weight_bytes_per_step"] == expected
     assert "transformer.wte.A_t" in {t.name for t in onnx.load(results["models"][1]["path"]).graph.initializer}
