@@ -23,9 +23,18 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         tmp = Path(name)
     try:
         yield tmp
+        _umask_permissions(tmp)
         if directory and target.is_dir():
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask_permissions(path: Path) -> None:
+    """Give `path` (and a folder's files) the modes plain open()/mkdir() would: temp names are private (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
