@@ -34,9 +34,9 @@ def sample_blocks(teacher: PreTrainedModel, count: int, block_size: int, seed: i
     torch.manual_seed(seed)
     start = torch.full((count, 1), teacher.config.eos_token_id)
     with torch.no_grad():
+        # no EOS/pad: every block runs to full length, and generate() has no padding to warn about
         out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0,
-                               max_length=block_size + 1,
-                               min_length=block_size + 1, pad_token_id=teacher.config.eos_token_id)
+                               max_length=block_size + 1, eos_token_id=None, pad_token_id=None)
     return out[:, 1:].tolist()
 
 
