@@ -14,27 +14,41 @@ def quantize_int8(source: Path, target: Path) -> None:
     """Quantize MatMul weights to int8, then point embedding Gathers at the int8 tables (fp32 copies dropped)."""
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on root
     model = onnx.load(str(source))
-    untie_heads(model.graph)
+    untie_heads(model)
     quantize_dynamic(model, target, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     model = onnx.load(str(target))
     rewire_gathers(model.graph)
     onnx.save_model(model, str(target))
 
 
-def untie_heads(graph: onnx.GraphProto) -> None:
-    """Gemm(h, E, transB=1) on a table that a Gather also reads -> MatMul(h, Eᵀ) on its own copy: the int8 head
-    then gets its own quantized weight instead of staying fp32 (DESIGN.md, the tied-head int8 trap)."""
+def untie_heads(model: onnx.ModelProto) -> None:
+    """Gemm(h, E, transB=1) on a table that a Gather also reads -> MatMul(h, Eᵀ): the int8 head then gets its own
+    quantized weight instead of staying fp32 (DESIGN.md, the tied-head int8 trap). Where the ids' rank is known,
+    the Gather reads Eᵀ too (axis 1, then a Transpose), so after rewire_gathers no fp32 copy of E is left."""
+    graph, inferred = model.graph, onnx.shape_inference.infer_shapes(model).graph
     initializers = {t.name: t for t in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.input, *inferred.value_info]
+             if v.type.tensor_type.HasField("shape")}
     gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
-    for index, node in enumerate(graph.node):
-        attributes = {a.name: a.i for a in node.attribute}
-        if node.op_type != "Gemm" or node.input[1] not in gathered or node.input[1] not in initializers \
-                or attributes != {"transB": 1} or len(node.input) > 2:
-            continue
-        head = f"{node.input[1]}_head"
-        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[1]]).T.copy(),
-                                                         head))
-        graph.node[index].CopyFrom(helper.make_node("MatMul", [node.input[0], head], list(node.output), name=node.name))
+    tied = {node.input[1] for node in graph.node if node.op_type == "Gemm" and len(node.input) == 2
+            and node.input[1] in gathered and node.input[1] in initializers
+            and {a.name: a.i for a in node.attribute} == {"transB": 1}}
+    for table in tied:
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[table]).T.copy(),
+                                                         f"{table}_head"))
+    nodes = []
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gemm" and node.input[1] in tied:
+            nodes.append(helper.make_node("MatMul", [node.input[0], f"{node.input[1]}_head"], list(node.output),
+                                          name=node.name))
+        elif node.op_type == "Gather" and node.input[0] in tied and axis == 0 and node.input[1] in ranks:
+            (table, ids), out = node.input, node.output[0]
+            nodes += [helper.make_node("Gather", [f"{table}_head", ids], [f"{out}_t"], axis=1),
+                      helper.make_node("Transpose", [f"{out}_t"], [out], perm=[*range(1, ranks[ids] + 1), 0])]
+        else:
+            nodes.append(node)
+    _replace_nodes(graph, nodes)
 
 
 def rewire_gathers(graph: onnx.GraphProto) -> None:
@@ -61,6 +75,11 @@ def rewire_gathers(graph: onnx.GraphProto) -> None:
             helper.make_node("Gather", [f"{table}_scale", ids], [f"{out}_scale"], axis=0),
             helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out]),
         ]
+    _replace_nodes(graph, nodes)
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make `nodes` the graph's nodes and drop the initializers no node reads any more."""
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -40,7 +41,7 @@ def sample_blocks(teacher: PreTrainedModel, count: int, block_size: int, seed: i
     return out[:, 1:].tolist()
 
 
-def held_out_ids(tokenizer, text_file: Path, context: int) -> torch.Tensor:
+def held_out_ids(tokenizer, text_file: Path) -> torch.Tensor:
     """Token ids of the held-out text."""
     try:
         text = Path(text_file).read_text(encoding="utf-8")
@@ -71,7 +72,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     if tokenizer is None:
         raise KninferError(f"the teacher '{teacher_source}' has no tokenizer saved with it")
     block_size = min(block_size, teacher.config.n_positions)
-    ids = held_out_ids(tokenizer, eval_text or Path(str(HELDOUT_TEXT)), block_size)
+    ids = held_out_ids(tokenizer, eval_text or Path(str(HELDOUT_TEXT)))
 
     def ppl(model: PreTrainedModel) -> float:
         return perplexity(model, ids, block_size, block_size // 2)[0]
@@ -95,6 +96,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
                   max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, seed=seed,
                   lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no", logging_steps=max(steps // 10, 1),
                   disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # save_strategy="no": Trainer leaves it empty
     student = trainer.model.eval()
     save(student, out / "student", tokenizer)
     rows.append(ModelRow("kngpt2 + ILKD", count_parameters(student), None, None, ppl(student)))

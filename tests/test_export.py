@@ -108,7 +108,8 @@ def test_blocks_reshape_to_constant_targets(exported):
 
 
 def test_dense_tied_head_reads_the_embedding(models, exported, tmp_path):
-    """fp32: one table, read by the Gather and by the head's Gemm(transB=1); int8: the head gets its own weight."""
+    """fp32: one table, read by the Gather and by the head's Gemm(transB=1); int8: one int8 table Eᵀ, read by the
+    head's MatMulInteger and (axis 1) by the Gather, no fp32 copy of E left."""
     model = models["gpt2"]
     vocab, d = model.config.vocab_size, model.config.n_embd
     (name,) = holding(initializers(exported["gpt2"]), model.transformer.wte.weight)
@@ -118,8 +119,12 @@ def test_dense_tied_head_reads_the_embedding(models, exported, tmp_path):
     assert report.int8_agreement > 0.5
     graph = onnx.load(str(report.onnx_path)).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
-    assert [shapes[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger" and "lm_head" in n.name] == [
-        [d, vocab]]
+    (head,) = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger" and "lm_head" in n.name]
+    assert shapes[head] == [d, vocab]
+    assert [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in shapes and
+            shapes[n.input[0]] == [d, vocab]] == [head]
+    floats = [v for v in initializers(report.onnx_path).values() if v.dtype == np.float32]
+    assert all(v.size < vocab * d // 2 for v in floats), "an fp32 copy of the embedding is still stored"
 
 
 def test_tied_factor_stored_once(models, exported):
