@@ -17,7 +17,8 @@ OPTIMIZATION = {
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def open_session(bundle: Bundle, threads: int | None = None, optimization: str = "all") -> ort.InferenceSession:
+def open_session(bundle: Bundle, threads: int | None = None, optimization: str = "all",
+                 low_memory: bool = False) -> ort.InferenceSession:
     """A CPU InferenceSession on the bundle's graph; `threads` None lets onnxruntime use every core."""
     if optimization not in OPTIMIZATION:
         raise KninferError(f"unknown optimisation level {optimization!r}: expected one of {', '.join(OPTIMIZATION)}")
@@ -25,6 +26,8 @@ def open_session(bundle: Bundle, threads: int | None = None, optimization: str =
     options.graph_optimization_level = OPTIMIZATION[optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
+    if low_memory:  # MLAS keeps a pre-packed copy of each MatMul weight: ~180 MB on GPT-2 small, ~10% faster decode
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads is not None:
         if threads < 1:
             raise KninferError(f"--threads is {threads}: expected 1 or more")
@@ -47,11 +50,12 @@ def _check_io(session: ort.InferenceSession, bundle: Bundle, inputs: list[str], 
 class CausalLM:
     """A causal-LM bundle: one graph for the prompt and for every later step, the KV cache fed back."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, optimization: str = "all") -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, optimization: str = "all",
+                 low_memory: bool = False) -> None:
         if bundle.task != "causal-lm" or bundle.kv_cache is None:
             raise KninferError(f"'{bundle.onnx_path}' is a {bundle.task} bundle: text generation needs causal-lm")
         self.bundle, self.kv = bundle, bundle.kv_cache
-        self.session = open_session(bundle, threads, optimization)
+        self.session = open_session(bundle, threads, optimization, low_memory)
         self.past_names, self.output_names = self.kv.past_names(), ["logits", *self.kv.present_names()]
         _check_io(self.session, bundle, ["input_ids", "attention_mask", "position_ids", *self.past_names],
                   self.output_names)
@@ -77,12 +81,13 @@ class CausalLM:
 class Classifier:
     """A sequence-classification bundle: token ids and mask in, one row of label logits per sequence out."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, optimization: str = "all") -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, optimization: str = "all",
+                 low_memory: bool = False) -> None:
         if bundle.task != "sequence-classification":
             raise KninferError(f"'{bundle.onnx_path}' is a {bundle.task} bundle: "
                                "classify needs sequence-classification")
         self.bundle = bundle
-        self.session = open_session(bundle, threads, optimization)
+        self.session = open_session(bundle, threads, optimization, low_memory)
         _check_io(self.session, bundle, ["input_ids", "attention_mask"], ["logits"])
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

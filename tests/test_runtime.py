@@ -59,6 +59,16 @@ def models(tiny_teacher, kngpt2, gpt2_bundle, kngpt2_bundle):
             "kngpt2": (kngpt2, CausalLM(read_bundle(kngpt2_bundle), threads=1))}
 
 
+def test_low_memory_session_gives_the_same_logits(models, kngpt2_bundle):
+    """--low-memory only turns off weight pre-packing: same logits as the default session (atol 1e-5)."""
+    default = models["kngpt2"][1]
+    lean = CausalLM(read_bundle(kngpt2_bundle), threads=1, low_memory=True)
+    assert lean.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    ids = np.array([[5, 17, 300, 2]], np.int64)
+    feeds = (ids, np.ones_like(ids), np.arange(4)[None], default.empty_cache(1))
+    np.testing.assert_allclose(lean.forward(*feeds)[0], default.forward(*feeds)[0], atol=1e-5)
+
+
 def _hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
     """transformers' greedy generate() on a left-padded batch: the new tokens of each row, cut at EOS."""
     ids, mask = pad([tokenizer.encode(p) for p in prompts], 50256, side="left")

@@ -11,6 +11,8 @@ from rich.console import Console
 
 BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside).")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+LowMemoryOption = Annotated[bool, typer.Option(help="Skip onnxruntime's pre-packed weight copies: less memory "
+                                                    "(about the fp32 MatMul weights' size less), slower steps.")]
 stderr = Console(stderr=True)
 
 
@@ -26,6 +28,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt only).")] = True,
     threads: ThreadsOption = None,
+    low_memory: LowMemoryOption = False,
     truncate: Annotated[str, typer.Option(help="'left' drops a too-long prompt's start; 'none': an error.")] = "none",
 ) -> None:
     """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
@@ -44,7 +47,7 @@ def generate(
     prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
     info = read_bundle(bundle)
     tokenizer = load_tokenizer(info.tokenizer_path)
-    model = CausalLM(info, threads=threads)
+    model = CausalLM(info, threads=threads, low_memory=low_memory)
     streaming = stream and len(prompts) == 1
     result = run_generation(model, tokenizer, prompts, sampling, truncate=truncate == "left",
                             on_text=_write if streaming else None)
@@ -65,6 +68,7 @@ def classify(
     task: Annotated[str | None, typer.Option(help="GLUE task of --file (default: the bundle's glue_task).")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per onnxruntime call.")] = 16,
     threads: ThreadsOption = None,
+    low_memory: LowMemoryOption = False,
 ) -> None:
     """Classify sentences or pairs with a sequence-classification bundle; score a labelled TSV."""
     import numpy as np
@@ -84,7 +88,7 @@ def classify(
     if batch_size < 1:
         raise KninferError(f"--batch-size is {batch_size}: expected 1 or more")
     info = read_bundle(bundle)
-    model = Classifier(info, threads=threads)
+    model = Classifier(info, threads=threads, low_memory=low_memory)
     tokenizer = load_tokenizer(info.tokenizer_path)
     gold = glue = None
     if file is not None:
@@ -126,6 +130,7 @@ def eval_(
     stride: Annotated[int | None, typer.Option(help="Tokens between window starts (default: context / 2).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Window length in tokens (default: the context).")] = None,
     threads: ThreadsOption = None,
+    low_memory: LowMemoryOption = False,
 ) -> None:
     """Sliding-window perplexity of a causal-LM bundle on a text file."""
     from rich.progress import Progress
@@ -141,7 +146,7 @@ def eval_(
     except (OSError, UnicodeDecodeError) as error:
         raise KninferError(f"cannot read '{text_file}' as UTF-8 text: {error}") from None
     info = read_bundle(bundle)
-    model = CausalLM(info, threads=threads)
+    model = CausalLM(info, threads=threads, low_memory=low_memory)
     ids = encode(load_tokenizer(info.tokenizer_path), lm_text(text))
     with Progress(console=stderr, transient=True) as progress:
         bar = progress.add_task("scoring", total=max(len(ids) - 1, 1))
