@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="Intra-op threads per model.")
     parser.add_argument("--memory", action="store_true",
                         help="Also measure peak RSS while generating --new-tokens tokens, each model in its own "
-                             "process.")
+                             "process (onnxruntime bundles twice: as is and with --low-memory).")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated in the --memory measurement.")
     parser.add_argument("--text-file", type=Path, help="Text to compute each bundle's perplexity on (quality column).")
     parser.add_argument("--text-tokens", type=int, help="Score at most this many tokens of --text-file.")
@@ -125,9 +125,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         for model in models:
             if args.memory:
                 progress.update(task, description=f"memory: {model['name']}")
-                model["memory"] = measure({"job": "memory", "runtime": model["runtime"], "path": model["path"],
-                                           "threads": args.threads, "batch": args.batch,
-                                           "new_tokens": args.new_tokens}, args.timeout)
+                spec = {"job": "memory", "runtime": model["runtime"], "path": model["path"], "threads": args.threads,
+                        "batch": args.batch, "new_tokens": args.new_tokens}
+                model["memory"] = measure(spec, args.timeout)
+                if model["runtime"] == "onnxruntime":
+                    model["memory_low"] = measure({**spec, "low_memory": True}, args.timeout)
             if args.text_file and model["runtime"] == "onnxruntime":
                 progress.update(task, description=f"perplexity: {model['name']}")
                 model["perplexity"] = measure({"job": "perplexity", "path": model["path"], "threads": args.threads,
@@ -188,7 +190,7 @@ def collect_models(args: argparse.Namespace) -> tuple[list[dict[str, Any]], floa
     for entry in entries:
         if names.count(entry["name"]) > 1:  # two bundles in folders of the same name: keep the parent too
             entry["name"] = f"{Path(entry['path']).parent.parent.name}/{entry['name']}"
-    return [{**e, "rounds": [], "memory": None, "perplexity": None} for e in entries], zoo_s
+    return [{**e, "rounds": [], "memory": None, "memory_low": None, "perplexity": None} for e in entries], zoo_s
 
 
 def zoo_models(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -370,6 +372,9 @@ def targets(models: list[dict[str, Any]], reference: str, past: int) -> list[dic
         peak = (model["memory"] or {}).get("peak_rss_bytes") or model["summary"]["peak_rss_bytes"]["max"]
         allowed = (model["weight_bytes"] + RSS_ALLOWANCE) / 1e6
         check("peak RSS <= weight bytes + 150 MB (MB)", model, peak / 1e6, allowed, False)
+        if model["memory_low"]:
+            check("peak RSS with --low-memory <= weight bytes + 150 MB (MB)", model,
+                  model["memory_low"]["peak_rss_bytes"] / 1e6, allowed, False)
     return rows
 
 
@@ -439,7 +444,8 @@ def markdown(results: dict[str, Any]) -> str:
             + [f"{q} @{p} ms" for p in past for q in ("p50", "p90")]
             + [f"tokens/s @{key}", f"speedup vs {settings['reference']} @{key}", f"floor @{key} ms",
                f"measured/floor @{key}", "peak RSS MB"]
-            + ([f"RSS gen {settings['memory_new_tokens']} MB"] if settings["memory_new_tokens"] else [])
+            + ([f"RSS gen {settings['memory_new_tokens']} MB", "same, --low-memory MB"]
+               if settings["memory_new_tokens"] else [])
             + (["perplexity"] if settings["text_file"] else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in results["models"]:
@@ -455,7 +461,8 @@ def markdown(results: dict[str, Any]) -> str:
                   _fmt((s["floor_ms"].get(key) or {}).get("median"), 2),
                   "–" if not over else f"{over['median']:.2f} ({over['min']:.2f}–{over['max']:.2f})",
                   _mb(s["peak_rss_bytes"]["max"])]
-               + ([_mb((m["memory"] or {}).get("peak_rss_bytes"))] if settings["memory_new_tokens"] else [])
+               + ([_mb((m[k] or {}).get("peak_rss_bytes")) for k in ("memory", "memory_low")]
+                  if settings["memory_new_tokens"] else [])
                + ([_fmt((m["perplexity"] or {}).get("perplexity"), 2)] if settings["text_file"] else []))
         lines.append("| " + " | ".join(row) + " |")
     machine = results["machine"]

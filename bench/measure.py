@@ -50,11 +50,11 @@ def percentile(values: list[float], q: float) -> float:
 class OrtModel:
     """A causal-LM bundle behind the three calls the benchmark makes."""
 
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, low_memory: bool = False) -> None:
         from kninfer.bundle import read_bundle
         from kninfer.session import CausalLM
 
-        self.lm = CausalLM(read_bundle(path), threads=threads)
+        self.lm = CausalLM(read_bundle(path), threads=threads, low_memory=low_memory)
         self.vocab = self.lm.bundle.meta.get("vocab_size", 50257)
         self.context = self.lm.bundle.context_length
 
@@ -117,8 +117,9 @@ class TorchModel:
 
 def open_model(spec: dict[str, Any]) -> OrtModel | TorchModel:
     """The model named by the spec, in the runtime it asks for."""
-    kind = OrtModel if spec["runtime"] == "onnxruntime" else TorchModel
-    return kind(spec["path"], spec["threads"])
+    if spec["runtime"] == "onnxruntime":
+        return OrtModel(spec["path"], spec["threads"], spec.get("low_memory", False))
+    return TorchModel(spec["path"], spec["threads"])
 
 
 def latency(spec: dict[str, Any]) -> dict[str, Any]:

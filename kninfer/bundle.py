@@ -82,6 +82,9 @@ def read_bundle(path: str | Path) -> Bundle:
         raise KninferError(f"'{path}' is not the model of its bundle: kninfer.json names '{meta['onnx_file']}'")
     if not onnx_path.is_file():
         raise KninferError(f"'{onnx_path}' is missing: kninfer.json names it as the bundle's model")
+    if meta.get("onnx_data_file") and not (directory / meta["onnx_data_file"]).is_file():
+        raise KninferError(f"'{directory / meta['onnx_data_file']}' is missing: kninfer.json names it as the "
+                           "file holding the model's weights")
     tokenizer_path = directory / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise KninferError(f"'{tokenizer_path}' is missing: export the model with `--tokenizer DIR|tokenizer.json`")

@@ -64,11 +64,12 @@ def test_schema_and_settings(run):
         # a 1.7M-parameter bundle under numpy + onnxruntime needs ~100 MB; ru_maxrss would report the peak of
         # this pytest process (torch, transformers, the exports), inherited across fork + exec
         assert model["memory"]["new_tokens"] == 8 and 20e6 < model["memory"]["peak_rss_bytes"] < 400e6
+        assert model["memory_low"]["new_tokens"] == 8 and 20e6 < model["memory_low"]["peak_rss_bytes"] < 400e6
         assert all(r["peak_rss_bytes"] < 400e6 for r in model["rounds"])
         assert model["perplexity"]["tokens"] > 100 and model["perplexity"]["perplexity"] > 1
         meta = json.loads((Path(model["path"]).parent / "kninfer.json").read_text())
         assert model["parameters"] == meta["parameters"]
-        assert model["file_bytes"] == Path(model["path"]).stat().st_size
+        assert model["file_bytes"] == sum(Path(f"{model['path']}{ext}").stat().st_size for ext in ("", ".data"))
     assert "| gpt2 | onnxruntime | fp32 |" in done.stdout
 
 

@@ -190,7 +190,7 @@ def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
     report = quantize_bundle(exported["kngpt2-tied"], tmp_path / "later" / "q.onnx")
     meta = json.loads((tmp_path / "later" / "kninfer.json").read_text())
     fp32_meta = json.loads((exported["kngpt2-tied"].parent / "kninfer.json").read_text())
-    assert meta == {**fp32_meta, "variant": "int8", "onnx_file": "q.onnx"}
+    assert meta == {**fp32_meta, "variant": "int8", "onnx_file": "q.onnx", "onnx_data_file": "q.onnx.data"}
     assert report.int8_agreement == int8.int8_agreement
     config = models["kngpt2-tied"].config
     ids = np.arange(0, config.vocab_size, 97, dtype=np.int64)[None, :20]
@@ -205,7 +205,8 @@ def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
 def test_bundle_files(models, tmp_path, gpt2_tokenizer):
     tokenizer_json = gpt2_tokenizer.backend_tokenizer.to_str()
     export_bundle(models["kngpt2"], tmp_path / "m.onnx", tokenizer_json=tokenizer_json, verify=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kninfer.json", "m.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kninfer.json", "m.onnx", "m.onnx.data", "tokenizer.json"]
+    assert (tmp_path / "m.onnx").stat().st_size < 100_000, "the weights belong in m.onnx.data"
     meta = json.loads((tmp_path / "kninfer.json").read_text())
     assert meta["onnx_file"] == "m.onnx" and meta["model_type"] == "kngpt2" and meta["variant"] == "fp32"
     assert meta["kv_cache"]["num_layers"] == 4 and meta["kv_cache"]["head_dim"] == 8

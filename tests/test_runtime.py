@@ -234,7 +234,7 @@ def test_cli_generate_stdin_and_batch(gpt2_bundle, models):
 def _broken_bundles(source: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """Bundle copies, each broken one way, with the text its error line must contain."""
     cases = {}
-    for name in ("no_json", "bad_json", "wrong_format", "corrupt_onnx", "no_tokenizer", "wrong_layers"):
+    for name in ("no_json", "bad_json", "wrong_format", "corrupt_onnx", "no_weights", "no_tokenizer", "wrong_layers"):
         shutil.copytree(source, root / name)
         cases[name] = root / name
     (cases["no_json"] / "kninfer.json").unlink()
@@ -242,6 +242,7 @@ def _broken_bundles(source: Path, root: Path) -> dict[str, tuple[Path, str]]:
     meta = json.loads((source / "kninfer.json").read_text())
     (cases["wrong_format"] / "kninfer.json").write_text(json.dumps({**meta, "format_version": 99}))
     (cases["corrupt_onnx"] / "model.onnx").write_bytes(b"\x00garbage" * 100)
+    (cases["no_weights"] / "model.onnx.data").unlink()
     (cases["no_tokenizer"] / "tokenizer.json").unlink()
     kv = {**meta["kv_cache"], "num_layers": 2}
     (cases["wrong_layers"] / "kninfer.json").write_text(json.dumps({**meta, "kv_cache": kv}))
@@ -251,6 +252,7 @@ def _broken_bundles(source: Path, root: Path) -> dict[str, tuple[Path, str]]:
         "bad_json": (cases["bad_json"], "not valid JSON"),
         "wrong_format": (cases["wrong_format"], "format_version 99"),
         "corrupt_onnx": (cases["corrupt_onnx"], "not a loadable ONNX model"),
+        "no_weights": (cases["no_weights"], "model.onnx.data' is missing"),
         "no_tokenizer": (cases["no_tokenizer"], "tokenizer.json' is missing"),
         "wrong_layers": (cases["wrong_layers"], "does not match its kninfer.json"),
     }
@@ -269,7 +271,7 @@ def test_bad_bundles_raise_clear_errors(gpt2_bundle, tmp_path):
 def test_cli_bad_input_is_one_line_exit_2(gpt2_bundle, tmp_path):
     broken = _broken_bundles(gpt2_bundle, tmp_path)
     runs = [(_cli("generate", str(broken[name][0]), "--prompt", "Hi"), broken[name][1])
-            for name in ("missing", "bad_json", "corrupt_onnx", "wrong_layers")]
+            for name in ("missing", "bad_json", "corrupt_onnx", "no_weights", "wrong_layers")]
     runs.append((_cli("generate", str(gpt2_bundle), "--prompt", ""), "prompt 1 is empty"))
     runs.append((_cli("generate", str(gpt2_bundle), "--prompt", " x" * 200), "context is 128"))
     runs.append((_cli("eval", str(gpt2_bundle), "--text-file", str(tmp_path / "none.txt")), "cannot read"))
