@@ -83,5 +83,7 @@ def optimum_bundle(teacher: GPT2LMHeadModel, out: Path, variant: str, fp32_folde
             quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True), save_dir=work)
             onnx_file = "model_quantized.onnx"
         (work / "tokenizer.json").write_text(tokenizer_json)
-        (work / "kninfer.json").write_text(json.dumps(bundle_metadata(teacher, "causal-lm", variant, onnx_file),
-                                                      indent=2) + "\n")
+        metadata = bundle_metadata(teacher, "causal-lm", variant, onnx_file)
+        data_file = f"{onnx_file}_data"  # optimum's name, written only past the 2 GB protobuf limit
+        metadata["onnx_data_file"] = data_file if (work / data_file).exists() else None
+        (work / "kninfer.json").write_text(json.dumps(metadata, indent=2) + "\n")
