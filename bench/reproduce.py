@@ -1,6 +1,7 @@
 """The KnGPT2 paper's tables in miniature: a GPT-2 teacher trained here vs DistilGPT2-style and KnGPT2 students.
 
     python bench/reproduce.py                      # the full run (sizes below): a few hours on 2 CPU cores
+    python bench/reproduce.py --short              # same teacher, half the student budget: about 2 hours
     python bench/reproduce.py --quick              # every stage with tiny sizes, in minutes: a smoke test
     python bench/reproduce.py --device cuda        # the same sizes on a GPU
 
@@ -16,7 +17,8 @@ training resumes from its last checkpoint):
 4. perplexity on sotu test and WikiText-2 test (the WikiText-103 test text) for every LM;
 5. GLUE dev (`kninfer finetune`): the teacher fine-tuned with CE; Distil (+ KD) with CE and vanilla KD; KnGPT2
    (+ ILKD) with CE and ILKD from the fine-tuned teacher; the ablation students with ILKD;
-6. bench/results/paper-miniature.{json,md,png} (with --quick: in the work folder, named paper-miniature-quick).
+6. bench/results/paper-miniature.{json,md,png} (with --short: paper-miniature-short; with --quick: in the work
+   folder, named paper-miniature-quick).
 
 Full-run sizes (FULL), for a few hours on 2 CPU cores:
 - teacher: 6 layers, d 256, 4 heads, context 256, BPE vocabulary 9,216 (7.16M parameters); 800 steps × 16 blocks
@@ -28,6 +30,8 @@ Full-run sizes (FULL), for a few hours on 2 CPU cores:
   tokens; the whole dev split; 40 fine-tunings (25 for Table 5, 15 more for the ablation).
 Estimated from a few timed steps on the shared 2-core machine: teacher ~40 min, students ~80 min, perplexity
 ~35 min, GLUE ~2 h: 4-5 hours in all. The run's real wall time is printed and stored with the results.
+--short keeps the teacher and halves the rest (students 150 steps, 40k evaluation tokens, GLUE 500 rows for 2
+epochs): about 2 hours with `--ablation-tasks sst2`.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ QUICK = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 416, "block_size
          "student_steps": 10, "student_batch": 8, "student_lr": 1e-3,
          "eval_tokens": 2048, "glue_rows": 50, "glue_epochs": 1.0, "glue_batch": 16, "glue_lr": 1e-3,
          "glue_max_length": 64, "logging_steps": 5, "save_steps": 10_000}
+SHORT = {**FULL, "student_steps": 150, "eval_tokens": 40_000, "glue_rows": 500, "glue_epochs": 2.0}
+SIZES = {"full": FULL, "short": SHORT, "quick": QUICK}
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
 # name -> (student to start from, KD mode, weight of the CE term: None keeps the paper's default)
 STUDENTS = {
@@ -98,12 +104,15 @@ TEXTS = ("sotu", "wikitext2")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny teacher and step counts: every stage in minutes.")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="Tiny teacher and step counts: every stage in minutes.")
+    preset.add_argument("--short", action="store_true",
+                        help="The full run's teacher, half the students' steps, fewer evaluation tokens and GLUE rows.")
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("KNINFER_DATA"),
                         help="The offline data folder with sotu/, wikitext-2-raw/ and glue/ (default: $KNINFER_DATA).")
     parser.add_argument("--work-dir", type=Path,
                         help="Where models and stage results are cached (default: ~/.cache/kninfer/paper-miniature, "
-                             "-quick with --quick).")
+                             "-short or -quick with --short or --quick).")
     parser.add_argument("--results-dir", type=Path,
                         help="Where the JSON, markdown and PNG go (default: bench/results; with --quick: the work "
                              "folder, so a smoke test never lands among real results).")
@@ -123,7 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     if not args.tasks or not args.ablation_tasks:
         parser.error("--tasks and --ablation-tasks need at least one GLUE task")
-    suffix = "-quick" if args.quick else ""
+    args.sizes = "quick" if args.quick else "short" if args.short else "full"
+    suffix = "" if args.sizes == "full" else f"-{args.sizes}"
     args.work_dir = args.work_dir or Path.home() / ".cache" / "kninfer" / f"paper-miniature{suffix}"
     args.results_dir = args.results_dir or (args.work_dir if args.quick else HERE / "results")
     args.stem = f"paper-miniature{suffix}"
@@ -566,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         if args.quick:
             torch.set_num_threads(1)  # tiny matrices: on busy cores extra threads cost far more than they give
-        sizes = QUICK if args.quick else FULL
+        sizes = SIZES[args.sizes]
         check_config(args.work_dir, {"sizes": sizes, "seed": args.seed, "data_dir": str(args.data_dir.resolve())})
         run = Run(args, sizes)
         results = run.all()
@@ -583,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     t = tables(results, args, sizes)
     report = {
         "schema": "kninfer-paper-miniature", "schema_version": 1, "quick": args.quick,
+        "preset": args.sizes,
         "command": ["bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)],
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -154,3 +154,18 @@ def test_only_a_missing_stage_reruns(runs, mini_data):
     third = json.loads((work / "paper-miniature-quick.json").read_text())
     assert [name for name, stage in third["stages"].items() if stage["ran"]] == ["ppl/distil-lm"]
     assert third["tables"] == first["tables"]  # perplexity is deterministic: the same figures again
+
+
+def test_short_keeps_the_teacher_and_its_own_folders(monkeypatch, data_dir):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import reproduce
+
+    args = reproduce.parse_args(["--short", "--data-dir", str(data_dir)])
+    assert (args.sizes, args.stem, args.work_dir.name) == ("short", "paper-miniature-short", "paper-miniature-short")
+    assert args.results_dir == REPO / "bench" / "results"
+    full, short = reproduce.SIZES["full"], reproduce.SIZES["short"]
+    teacher = [k for k in full if k.startswith("teacher_") or k in ("n_layer", "n_embd", "n_head", "vocab_size")]
+    assert {k: short[k] for k in teacher} == {k: full[k] for k in teacher}
+    assert short["student_steps"] * 2 == full["student_steps"]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--short", "--quick", "--data-dir", str(data_dir)])
