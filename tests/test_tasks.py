@@ -16,6 +16,7 @@ BINARY.append((np.ones(10, int), np.ones(10, int)))  # degenerate: MCC undefined
 THREE = [(rng.integers(0, 3, 300), rng.integers(0, 3, 300))]
 
 
+@pytest.mark.filterwarnings("ignore:A single label was found")  # sklearn on the degenerate case, on purpose
 @pytest.mark.parametrize("preds, labels", BINARY + THREE)
 def test_matthews_and_accuracy_match_sklearn(preds, labels):
     assert TASKS["cola"].metrics(preds, labels)["matthews_correlation"] == pytest.approx(
