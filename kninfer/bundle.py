@@ -51,6 +51,7 @@ class Bundle:
     pad_token_id: int
     labels: list[str] | None
     glue_task: str | None
+    max_input_length: int | None  # a classifier's inputs are cut here, as in its fine-tuning
     kv_cache: KVCacheSpec | None
     meta: dict[str, Any]
 
@@ -75,6 +76,8 @@ def read_bundle(path: str | Path) -> Bundle:
                            f"this kninfer reads version {FORMAT_VERSION}")
     _require(meta, meta_path, {"onnx_file": str, "task": str, "context_length": int, "eos_token_id": int,
                                "pad_token_id": int})
+    if meta.get("max_input_length") is not None:
+        _require(meta, meta_path, {"max_input_length": int})
     if meta["task"] not in TASKS:
         raise KninferError(f"'{meta_path}': task {meta['task']!r} is not one of {', '.join(TASKS)}")
     onnx_path = directory / meta["onnx_file"]
@@ -98,6 +101,7 @@ def read_bundle(path: str | Path) -> Bundle:
         pad_token_id=meta["pad_token_id"],
         labels=meta.get("labels"),
         glue_task=meta.get("glue_task"),
+        max_input_length=meta.get("max_input_length"),
         kv_cache=_kv_cache(meta, meta_path),
         meta=meta,
     )

@@ -13,13 +13,13 @@ from kninfer.tasks import input_text
 from kninfer.tokenizer import encode, pad
 
 
-def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: int) -> list[list[int]]:
-    """Token ids per input, cut on the right at the context (as fine-tuning's `truncation=True`)."""
+def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], max_length: int) -> list[list[int]]:
+    """Token ids per input, cut on the right at `max_length` (as fine-tuning's `truncation=True`)."""
     encoded = []
     for number, texts in enumerate(inputs, 1):
         if not 1 <= len(texts) <= 2:
             raise KninferError(f"input {number} has {len(texts)} texts: expected a sentence or a pair")
-        ids = encode(tokenizer, input_text(texts))[:context]
+        ids = encode(tokenizer, input_text(texts))[:max_length]
         if not ids:
             raise KninferError(f"input {number} is empty: expected some text to classify")
         encoded.append(ids)
@@ -29,7 +29,7 @@ def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], context: 
 def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ...]], batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits (len(inputs), num_labels); inputs of similar length share a batch to pad little."""
-    encoded = encode_inputs(tokenizer, inputs, model.bundle.context_length)
+    encoded = encode_inputs(tokenizer, inputs, model.bundle.max_input_length or model.bundle.context_length)
     order = np.argsort([len(ids) for ids in encoded], kind="stable")
     logits: np.ndarray | None = None
     for start in range(0, len(order), batch_size):

@@ -351,3 +351,17 @@ def test_classify_matches_torch_classifier(sst2_classifier, sst2_bundle, gpt2_to
     assert rows[0] == "index\tprediction" and rows[1:] == [f"{i}\t{n}" for i, n in enumerate(names)]
     texts = _cli("classify", str(sst2_bundle), "--text", inputs[0][0], "--text", inputs[1][0])
     assert texts.returncode == 0 and texts.stdout.split() == names[:2]
+
+
+def test_classify_cuts_inputs_where_fine_tuning_did(sst2_classifier, gpt2_tokenizer, tmp_path):
+    """A bundle whose classifier was fine-tuned on 8-token inputs scores the first 8 tokens, as torch does."""
+    classifier = copy.deepcopy(sst2_classifier)
+    classifier.config.max_input_length = 8
+    model = Classifier(read_bundle(_export(classifier, tmp_path, gpt2_tokenizer, task="sequence-classification")))
+    assert model.bundle.max_input_length == 8
+    text = "an unexpectedly moving film whose second half drags on for far too long"
+    ids = gpt2_tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        cut, whole = (classifier(torch.tensor([i])).logits.numpy() for i in (ids[:8], ids))
+    assert np.abs(cut - whole).max() > 1e-3  # the cut changes the answer, so the check below can fail
+    np.testing.assert_allclose(classify(model, load_tokenizer(model.bundle.tokenizer_path), [(text,)]), cut, atol=1e-4)

@@ -145,13 +145,15 @@ def test_finetune_cli_on_sst2_slice(tiny_teacher_dir, data_dir, tmp_path):
 
     out = tmp_path / "sst2"
     _cli("finetune", "--model", str(tiny_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir / "glue"),
-         "--out", str(out), "--max-samples", "200", "--batch-size", "16", "--max-steps", "4", "--lr", "1e-3")
+         "--out", str(out), "--max-samples", "200", "--batch-size", "16", "--max-steps", "4", "--lr", "1e-3",
+         "--max-length", "32")
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]["dev"]
     model, tokenizer = load(out)
     assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 2
+    assert (model.config.glue_task, model.config.max_input_length) == ("sst2", 32)  # what a bundle will carry
     texts, labels = read_glue_tsv(data_dir / "glue/SST-2/dev.tsv", TASKS["sst2"])
     with torch.no_grad():  # one row at a time: no padding, the last token is the pooled one
-        preds = [model(torch.tensor([tokenizer(input_text(t))["input_ids"][:128]])).logits.argmax().item()
+        preds = [model(torch.tensor([tokenizer(input_text(t))["input_ids"][:32]])).logits.argmax().item()
                  for t in texts]
     assert metrics["accuracy"] == pytest.approx(np.mean(np.array(preds) == labels), abs=1e-9)
 

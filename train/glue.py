@@ -61,13 +61,18 @@ def with_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def as_classifier(model: PreTrainedModel, task: GlueTask, pad_token_id: int) -> PreTrainedModel:
-    """A sequence classifier for `task` with `model`'s body (KnGPT2 or GPT-2); a fitting classifier is kept."""
+def as_classifier(model: PreTrainedModel, task: GlueTask, pad_token_id: int, max_length: int) -> PreTrainedModel:
+    """A sequence classifier for `task` with `model`'s body (KnGPT2 or GPT-2); a fitting classifier is kept.
+
+    Its config records the task and the input length it is trained on, so an exported bundle reads the task's
+    files and cuts inputs the same way.
+    """
     config = model.config
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         if config.num_labels != task.num_labels:
             raise KninferError(f"the model classifies into {config.num_labels} labels, {task.name} has "
                                f"{task.num_labels}: start from a causal LM or a {task.name} classifier")
+        model.config.glue_task, model.config.max_input_length = task.name, max_length
         return model
     config = copy.deepcopy(config)
     config.num_labels, config.pad_token_id = task.num_labels, pad_token_id
@@ -77,6 +82,7 @@ def as_classifier(model: PreTrainedModel, task: GlueTask, pad_token_id: int) -> 
     config.problem_type = "regression" if task.labels is None else "single_label_classification"
     classifier = AutoModelForSequenceClassification.from_config(config)
     classifier.config.architectures = [type(classifier).__name__]
+    classifier.config.glue_task, classifier.config.max_input_length = task.name, max_length
     missing, _ = classifier.load_state_dict(model.state_dict(), strict=False)  # the LM head is left out
     if any(not key.startswith("score.") for key in missing):
         raise KninferError(f"cannot build a classifier from this model: missing weights {missing[:3]}")

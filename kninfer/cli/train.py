@@ -167,7 +167,7 @@ def finetune(
         raise KninferError(f"'{model}' has no tokenizer saved with it")
     tokenizer = with_pad_token(tokenizer)
     torch.manual_seed(seed)  # the new classification head
-    classifier = as_classifier(dense, glue_task, tokenizer.pad_token_id)
+    classifier = as_classifier(dense, glue_task, tokenizer.pad_token_id, max_length)
     teacher_model = _task_classifier(teacher, glue_task)[0] if kd != "none" else None
     train_rows = tokenize(load_glue(glue_task, "train", data_dir, max_samples), tokenizer, max_length)
     console.print(f"{glue_task.name}: {len(train_rows):,} training rows; kd={kd} alphas={weights}")
@@ -243,7 +243,8 @@ def eval_glue(
     task: Annotated[str, typer.Option(help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte.")],
     data_dir: Annotated[str | None, typer.Option(help="GLUE folder in the original layout; default: the hub.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here.")] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")] = 128,
+    max_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens (default: the length "
+                                                         "the classifier was fine-tuned on, else 128).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
 ) -> None:
     """Score a fine-tuned classifier on a GLUE task's dev split(s) (MNLI: matched and mismatched)."""
@@ -255,6 +256,7 @@ def eval_glue(
     classifier, tokenizer = _task_classifier(model, glue_task)
     if tokenizer is None:
         raise KninferError(f"'{model}' has no tokenizer saved with it")
+    max_length = max_length or getattr(classifier.config, "max_input_length", None) or 128
     metrics = evaluate(classifier, glue_task, with_pad_token(tokenizer), data_dir, max_length, batch_size)
     _report_glue(glue_task.name, model, metrics, out)
 
