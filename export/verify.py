@@ -101,7 +101,8 @@ def verify_classifier(model: PreTrainedModel, onnx_path: str, lengths: list[int]
     rng = np.random.default_rng(seed)
     pad = model.config.pad_token_id
     width = max(lengths)
-    ids = rng.integers(0, pad, (len(lengths), width), dtype=np.int64)  # ids below pad: no pad inside the text
+    ids = rng.integers(0, model.config.vocab_size - 1, (len(lengths), width), dtype=np.int64)
+    ids += ids >= pad  # every id but pad: no pad inside the text, wherever pad sits in the vocabulary
     mask = np.array([[1] * n + [0] * (width - n) for n in lengths], np.int64)
     ids = np.where(mask == 1, ids, pad)
     (got,) = session(onnx_path).run(["logits"], {"input_ids": ids, "attention_mask": mask})

@@ -155,11 +155,12 @@ def test_onnxruntime_matches_torch(models, exported, name, lengths):
     assert result.max_abs_diff <= TOL
 
 
-def test_classification_graph(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("pad", [50256, 0], ids=["pad-last", "pad-first"])  # GPT-2's EOS; our own BPE's is 0
+def test_classification_graph(tiny_teacher, tmp_path, pad):
     from kninfer.modeling import KnGPT2Config, KnGPT2ForSequenceClassification
 
     student = compress(tiny_teacher, "kngpt2", tie_head=True)[0]
-    config = KnGPT2Config(**{**student.config.to_dict(), "num_labels": 2, "pad_token_id": 50256,
+    config = KnGPT2Config(**{**student.config.to_dict(), "num_labels": 2, "pad_token_id": pad,
                              "architectures": ["KnGPT2ForSequenceClassification"]})
     torch.manual_seed(1)
     classifier = KnGPT2ForSequenceClassification(config).eval()
