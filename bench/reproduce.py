@@ -593,7 +593,6 @@ def main(argv: list[str] | None = None) -> int:
     t = tables(results, args, sizes)
     report = {
         "schema": "kninfer-paper-miniature", "schema_version": 1, "quick": args.quick,
-        "preset": args.sizes,
         "command": ["bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)],
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

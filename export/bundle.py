@@ -96,8 +96,7 @@ def bundle_metadata(model: PreTrainedModel, task: str, variant: str, onnx_file: 
     from kninfer.modeling.compress import count_parameters
 
     config = model.config
-    is_classifier = task == "sequence-classification"
-    labels = [config.id2label[i] for i in range(config.num_labels)] if is_classifier else None
+    labels = [config.id2label[i] for i in range(config.num_labels)] if task == "sequence-classification" else None
     kv = None
     if task == "causal-lm":
         kv = {"num_layers": config.n_layer, "num_heads": config.n_head, "head_dim": config.n_embd // config.n_head,
@@ -111,7 +110,7 @@ def bundle_metadata(model: PreTrainedModel, task: str, variant: str, onnx_file: 
         "vocab_size": config.vocab_size, "eos_token_id": eos, "bos_token_id": config.bos_token_id,
         "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
         "labels": labels, "glue_task": getattr(config, "glue_task", None),
-        "max_input_length": getattr(config, "max_input_length", None) if is_classifier else None, "kv_cache": kv,
+        "max_input_length": getattr(config, "max_input_length", None), "kv_cache": kv,
         "kronecker": getattr(config, "kronecker", None), "parameters": count_parameters(model),
         "versions": {"kninfer": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},

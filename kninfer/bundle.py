@@ -51,7 +51,7 @@ class Bundle:
     pad_token_id: int
     labels: list[str] | None
     glue_task: str | None
-    max_input_length: int | None  # a classifier's inputs are cut here, as in its fine-tuning
+    max_input_length: int  # inputs are cut here: a classifier's fine-tuning length, else the context
     kv_cache: KVCacheSpec | None
     meta: dict[str, Any]
 
@@ -101,7 +101,7 @@ def read_bundle(path: str | Path) -> Bundle:
         pad_token_id=meta["pad_token_id"],
         labels=meta.get("labels"),
         glue_task=meta.get("glue_task"),
-        max_input_length=meta.get("max_input_length"),
+        max_input_length=meta.get("max_input_length") or meta["context_length"],
         kv_cache=_kv_cache(meta, meta_path),
         meta=meta,
     )

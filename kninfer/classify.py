@@ -29,7 +29,7 @@ def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], max_lengt
 def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ...]], batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits (len(inputs), num_labels); inputs of similar length share a batch to pad little."""
-    encoded = encode_inputs(tokenizer, inputs, model.bundle.max_input_length or model.bundle.context_length)
+    encoded = encode_inputs(tokenizer, inputs, model.bundle.max_input_length)
     order = np.argsort([len(ids) for ids in encoded], kind="stable")
     logits: np.ndarray | None = None
     for start in range(0, len(order), batch_size):

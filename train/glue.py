@@ -72,20 +72,20 @@ def as_classifier(model: PreTrainedModel, task: GlueTask, pad_token_id: int, max
         if config.num_labels != task.num_labels:
             raise KninferError(f"the model classifies into {config.num_labels} labels, {task.name} has "
                                f"{task.num_labels}: start from a causal LM or a {task.name} classifier")
-        model.config.glue_task, model.config.max_input_length = task.name, max_length
-        return model
-    config = copy.deepcopy(config)
-    config.num_labels, config.pad_token_id = task.num_labels, pad_token_id
-    if task.labels is not None:
-        config.id2label = dict(enumerate(task.labels))
-        config.label2id = {label: i for i, label in enumerate(task.labels)}
-    config.problem_type = "regression" if task.labels is None else "single_label_classification"
-    classifier = AutoModelForSequenceClassification.from_config(config)
-    classifier.config.architectures = [type(classifier).__name__]
+        classifier = model
+    else:
+        config = copy.deepcopy(config)
+        config.num_labels, config.pad_token_id = task.num_labels, pad_token_id
+        if task.labels is not None:
+            config.id2label = dict(enumerate(task.labels))
+            config.label2id = {label: i for i, label in enumerate(task.labels)}
+        config.problem_type = "regression" if task.labels is None else "single_label_classification"
+        classifier = AutoModelForSequenceClassification.from_config(config)
+        classifier.config.architectures = [type(classifier).__name__]
+        missing, _ = classifier.load_state_dict(model.state_dict(), strict=False)  # the LM head is left out
+        if any(not key.startswith("score.") for key in missing):
+            raise KninferError(f"cannot build a classifier from this model: missing weights {missing[:3]}")
     classifier.config.glue_task, classifier.config.max_input_length = task.name, max_length
-    missing, _ = classifier.load_state_dict(model.state_dict(), strict=False)  # the LM head is left out
-    if any(not key.startswith("score.") for key in missing):
-        raise KninferError(f"cannot build a classifier from this model: missing weights {missing[:3]}")
     return classifier
 
 
