@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -51,7 +51,8 @@ def held_out_ids(tokenizer, text_file: Path) -> torch.Tensor:
 
 
 def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int, block_size: int, batch_size: int,
-             lr: float, prompt: str, eval_text: Path | None, seed: int, log=print) -> list[ModelRow]:
+             lr: float, prompt: str, eval_text: Path | None, seed: int, log=print,
+             overwrite: bool = False) -> list[ModelRow]:
     """Run the whole pipeline into `out`; returns the summary rows (also written to out/summary.json)."""
     from datasets import Dataset
     from transformers import default_data_collator
@@ -60,13 +61,14 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     from kninfer.export.bundle import export_bundle
     from kninfer.generate import Sampling, generate
     from kninfer.modeling.compress import compress, count_parameters
-    from kninfer.modeling.io import load, save
+    from kninfer.modeling.io import check_output, load, save
     from kninfer.session import CausalLM
     from kninfer.tokenizer import load_tokenizer
     from kninfer.train.data import lm_blocks, load_lm_text
     from kninfer.train.eval_lm import perplexity
     from kninfer.train.trainer import fit
 
+    check_output(out / "student", overwrite)
     started = time.perf_counter()
     teacher, tokenizer = load(teacher_source or str(EMBEDDED_TEACHER))
     if tokenizer is None:
@@ -92,13 +94,13 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
         blocks = sample_blocks(teacher, min(steps * batch_size, 512), block_size, seed)
         dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks),
                                      "labels": blocks})
-    trainer = fit(student, dataset, out / "checkpoints", teacher=teacher, kd="ilkd", collator=default_data_collator,
-                  max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, seed=seed,
-                  lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no", logging_steps=max(steps // 10, 1),
-                  disable_tqdm=False, use_cpu=not torch.cuda.is_available())
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # save_strategy="no": Trainer leaves it empty
+    with tempfile.TemporaryDirectory() as scratch:  # save_strategy="no": Trainer only needs an output_dir
+        trainer = fit(student, dataset, Path(scratch), teacher=teacher, kd="ilkd", collator=default_data_collator,
+                      max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, seed=seed,
+                      lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no",
+                      logging_steps=max(steps // 10, 1), disable_tqdm=False, use_cpu=not torch.cuda.is_available())
     student = trainer.model.eval()
-    save(student, out / "student", tokenizer)
+    save(student, out / "student", tokenizer, overwrite=overwrite)
     rows.append(ModelRow("kngpt2 + ILKD", count_parameters(student), None, None, ppl(student)))
 
     step("[3/5] export: ONNX with KV cache, verified against PyTorch")

@@ -10,7 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainingArguments
 
-from kninfer.modeling.io import save
+from kninfer.atomic import write_text
+from kninfer.modeling.io import check_output, save
 from kninfer.train.data import lm_blocks, load_lm_text
 
 EOS = "<|endoftext|>"
@@ -32,9 +33,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
 def pretrain(
     data: str, out: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int = 4, vocab_size: int = 8192,
     block_size: int = 256, epochs: float = 1.0, max_steps: int = -1, batch_size: int = 16, lr: float = 1e-3,
-    seed: int = 0, eval_data: str | None = None, dtype: str = "float32",
+    seed: int = 0, eval_data: str | None = None, dtype: str = "float32", overwrite: bool = False,
 ) -> GPT2LMHeadModel:
     """Train a GPT-2 of the given shape from scratch on `data` (train split) and save it to `out`."""
+    check_output(out, overwrite)
     torch.manual_seed(seed)
     text = load_lm_text(data, "train")
     tokenizer = train_tokenizer((row["text"] for row in text), vocab_size)
@@ -56,8 +58,8 @@ def pretrain(
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks)
     trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
     model = model.to(getattr(torch, dtype)).eval()
-    save(model, out, tokenizer)
-    (Path(out) / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    save(model, out, tokenizer, overwrite=overwrite)
+    write_text(Path(out) / "train_log.json", json.dumps(trainer.state.log_history, indent=1))
     return model
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kninfer.cli.output import console
+from kninfer.cli.output import OverwriteOption, console
 
 
 def demo(
@@ -25,13 +25,15 @@ def demo(
     eval_text: Annotated[Path | None, typer.Option(help="Held-out text for perplexity; default: the embedded "
                                                         "held-out SOTU address.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Compress the teacher (kngpt2, tied head), distil it with ILKD, export both to ONNX, generate, compare."""
     from rich.table import Table
 
     from kninfer.demo import run_demo
 
-    rows = run_demo(out, teacher, data, steps, block_size, batch_size, lr, prompt, eval_text, seed, log=console.print)
+    rows = run_demo(out, teacher, data, steps, block_size, batch_size, lr, prompt, eval_text, seed, log=console.print,
+                    overwrite=overwrite)
     table = Table(title=f"kninfer demo ({out})")
     for column in ("model", "parameters", "ONNX MB", "ms/token (ORT)", "held-out perplexity"):
         table.add_column(column, justify="left" if column == "model" else "right")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kninfer.cli.output import console, print_layers
+from kninfer.cli.output import OverwriteOption, console, print_layers
 
 
 def compress(
@@ -20,18 +20,20 @@ def compress(
     target_params: Annotated[int | None, typer.Option(help="krony-pt: total parameters to aim for.")] = None,
     rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.")] = 1,
     odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a dense GPT-2 into a Kronecker student initialised by the nearest Kronecker product."""
     from kninfer.modeling.compress import compress as build
     from kninfer.modeling.compress import count_parameters
-    from kninfer.modeling.io import load, save
+    from kninfer.modeling.io import check_output, load, save
 
+    check_output(out, overwrite)
     dense, tokenizer = load(teacher)
     with console.status(f"factoring with preset {preset}"):
         student, rows = build(dense, preset, tie_head=tie_head, init=init, target_params=target_params,
                               rank=rank, odd_base=odd_base)
     print_layers(rows, count_parameters(dense), count_parameters(student), count_parameters(student, False))
-    save(student, out, tokenizer)
+    save(student, out, tokenizer, overwrite=overwrite)
     console.print(f"wrote {out}")
 
 

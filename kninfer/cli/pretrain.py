@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from kninfer.cli.output import OverwriteOption
+
 
 def pretrain(
     data: Annotated[str, typer.Option(help="Training text: a .txt/.raw file, a folder with train/valid files, "
@@ -23,12 +25,14 @@ def pretrain(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule, 5% warm-up).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     dtype: Annotated[str, typer.Option(help="Dtype of the saved weights: float32 or float16.")] = "float32",
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train a GPT-2 language model and its tokenizer from scratch (plain causal-LM loss, HF Trainer)."""
     from kninfer.train.pretrain import pretrain as run
 
     run(data, out, n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, block_size=block_size,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype)
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype,
+        overwrite=overwrite)
 
 
 COMMANDS = [pretrain]

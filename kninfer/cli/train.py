@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kninfer.cli.output import console
+from kninfer.cli.output import OverwriteOption, console
 from kninfer.errors import KninferError
 
 KD_HELP = "ilkd (paper: embedding, attention, hidden states, CE), vanilla (soft targets + CE) or none (CE only)."
@@ -48,26 +48,27 @@ def _training_options(precision: str, seed: int, **options: Any) -> dict[str, An
     return {"seed": seed, **PRECISIONS[precision], **options}
 
 
-def _fit_and_save(model, dataset, out: Path, tokenizer, checkpoints: Path | None, **fit_options: Any) -> None:
+def _fit_and_save(model, dataset, out: Path, tokenizer, checkpoints: Path | None, overwrite: bool,
+                  **fit_options: Any) -> None:
     """Train, then save to `out`; after Ctrl-C, say where the checkpoint is and exit 130 without writing `out`."""
-    from kninfer.modeling.io import save
+    from kninfer.modeling.io import check_output, save
     from kninfer.train.trainer import fit
 
+    check_output(out, overwrite)  # a refused --out fails now, not after the training
     checkpoints = checkpoints or out.with_name(out.name + ".checkpoints")
     trainer = fit(model, dataset, checkpoints, **fit_options)
     if trainer.interrupt.requested:
         console.print(f"interrupted at step {trainer.state.global_step}: checkpoint in {checkpoints}; "
                       "run the same command with --resume to continue")
         raise typer.Exit(130)
-    save(trainer.model, out, tokenizer)
+    save(trainer.model, out, tokenizer, overwrite=overwrite)
     console.print(f"wrote {out}")
 
 
 def _write_json(payload: dict[str, Any], out: Path) -> None:
-    from kninfer.atomic import atomic_path
+    from kninfer.atomic import write_text
 
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    write_text(out, json.dumps(payload, indent=1) + "\n")
 
 
 def distill(
@@ -92,6 +93,7 @@ def distill(
     precision: Precision = "fp32",
     checkpoints: Checkpoints = None,
     resume: Resume = False,
+    overwrite: OverwriteOption = False,
     seed: Seed = 0,
 ) -> None:
     """Pre-train a compressed student on text by distilling a teacher (ILKD by default, as the paper)."""
@@ -115,7 +117,8 @@ def distill(
         raise KninferError(f"--block-size {block_size} exceeds the model's context of {model.config.n_positions}")
     blocks = lm_blocks(load_lm_text(data, "train"), tokenizer, block_size, max_samples, fraction)
     console.print(f"{len(blocks):,} blocks of {block_size} tokens; kd={kd} alphas={weights}")
-    _fit_and_save(model, blocks, out, tokenizer, checkpoints, teacher=teacher_model if kd != "none" else None,
+    _fit_and_save(model, blocks, out, tokenizer, checkpoints, overwrite,
+                  teacher=teacher_model if kd != "none" else None,
                   kd=kd, alphas=weights, temperature=temperature, collator=default_data_collator, resume=resume,
                   **options)
 
@@ -142,6 +145,7 @@ def finetune(
     precision: Precision = "fp32",
     checkpoints: Checkpoints = None,
     resume: Resume = False,
+    overwrite: OverwriteOption = False,
     seed: Seed = 0,
 ) -> None:
     """Fine-tune on a GLUE task (plain CE, or KD from a fine-tuned teacher), then score the dev split(s)."""
@@ -171,7 +175,8 @@ def finetune(
     teacher_model = _task_classifier(teacher, glue_task)[0] if kd != "none" else None
     train_rows = tokenize(load_glue(glue_task, "train", data_dir, max_samples), tokenizer, max_length)
     console.print(f"{glue_task.name}: {len(train_rows):,} training rows; kd={kd} alphas={weights}")
-    _fit_and_save(classifier, train_rows, out, tokenizer, checkpoints, teacher=teacher_model, kd=kd, alphas=weights,
+    _fit_and_save(classifier, train_rows, out, tokenizer, checkpoints, overwrite,
+                  teacher=teacher_model, kd=kd, alphas=weights,
                   temperature=temperature, collator=DataCollatorWithPadding(tokenizer), resume=resume, **options)
     metrics = evaluate(classifier, glue_task, tokenizer, data_dir, max_length)
     _report_glue(glue_task.name, model, metrics, _metrics_path(out))

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 import kninfer.modeling  # noqa: F401  (registers kngpt2 with the Auto classes)
-from kninfer.atomic import atomic_path
+from kninfer.atomic import atomic_path, check_folder_output
 from kninfer.errors import KninferError
 
 PT_FORMAT = "kninfer"
@@ -41,25 +41,52 @@ def load(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast |
         ) from None
 
 
-def save(model: PreTrainedModel, out: str | Path, tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
-    """Write `model` (and its tokenizer) to `out`: a `.pt` file or a Hugging Face directory, atomically."""
+def save(model: PreTrainedModel, out: str | Path, tokenizer: PreTrainedTokenizerFast | None = None, *,
+         overwrite: bool = False) -> Path:
+    """Write `model` (and its tokenizer) to `out`: a `.pt` file or a Hugging Face directory, atomically; an
+    existing `out` that kninfer did not write is refused unless `overwrite` (its other files are kept)."""
     out = Path(out)
-    if out.suffix == ".pt":
-        payload: dict[str, Any] = {
-            "format": PT_FORMAT,
-            "config": model.config.to_dict(),
-            "state_dict": {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-        }
-        if tokenizer is not None:
-            payload["tokenizer"] = _tokenizer_payload(tokenizer)
-        with atomic_path(out) as tmp:
-            torch.save(payload, tmp)
-        return out
-    with atomic_path(out, directory=True) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    check_output(out, overwrite)
+    try:
+        if out.suffix == ".pt":
+            payload: dict[str, Any] = {
+                "format": PT_FORMAT,
+                "config": model.config.to_dict(),
+                "state_dict": {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+            }
+            if tokenizer is not None:
+                payload["tokenizer"] = _tokenizer_payload(tokenizer)
+            with atomic_path(out) as tmp:
+                torch.save(payload, tmp)
+            return out
+        with atomic_path(out, directory=True, kind="checkpoint", overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except OSError as error:
+        raise KninferError(f"cannot write '{out}': {error.strerror or error}") from None
     return out
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> None:
+    """Raise now, before training, if `save(..., out, overwrite=overwrite)` would refuse `out`."""
+    out = Path(out)
+    if out.suffix != ".pt":
+        check_folder_output(out, "checkpoint", overwrite)
+    elif out.is_dir():
+        raise KninferError(f"'{out}' is a folder: name a .pt file or a folder without the .pt suffix")
+    elif out.exists() and not overwrite and not _is_checkpoint_file(out):
+        raise KninferError(f"'{out}' exists and is not a kninfer checkpoint: name a new file, "
+                           "or pass --overwrite to replace it")
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    """Whether `path` is a `.pt` that kninfer wrote (read without unpickling code)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  anything unreadable is not ours: the caller refuses to replace it
+        return False
+    return isinstance(payload, dict) and payload.get("format") == PT_FORMAT
 
 
 def model_class(config: Any) -> type:
