@@ -52,7 +52,7 @@ def build_zoo(out: Path, tokenizer_json: str, rebuild: bool = False,
             folder = out / f"torch-{name}"
             if rebuild or not (folder / "config.json").is_file():
                 progress(f"saving {name} for PyTorch eager")
-                save(model, folder)
+                save(model, folder, overwrite=True)  # the zoo folder is the bench's own cache
             entries.append({"name": folder.name, "path": str(folder), "runtime": "torch"})
     return entries
 
@@ -71,7 +71,7 @@ def optimum_bundle(teacher: GPT2LMHeadModel, out: Path, variant: str, fp32_folde
     (dynamic, per channel): the anchor a user would pick instead; kninfer.json is added so the runtime reads it."""
     from optimum.exporters.onnx import onnx_export_from_model
 
-    with atomic_path(out, directory=True) as work:
+    with atomic_path(out, directory=True, kind="optimum-bundle", overwrite=True) as work:
         if variant == "fp32":
             onnx_export_from_model(teacher, work, task="text-generation-with-past", do_validation=False)
             onnx_file = "model.onnx"

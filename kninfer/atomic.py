@@ -38,7 +38,9 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, *, kind: str
             yield tmp
         return
     _mkdir(target.parent)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    for leftover in target.parent.glob(f".{target.name}.{NEW}.*"):  # a killed run's temp file
+        leftover.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{NEW}.", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -135,9 +135,11 @@ def test_swap_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
     assert calls == [] and _contents(target) == {"f": "new"}
 
 
-def test_leftover_staging_folders_are_cleaned(tmp_path):
-    target = tmp_path / "out"
+def test_leftover_staging_folders_and_files_are_cleaned(tmp_path):
     (tmp_path / f".out.{atomic.NEW}.abc").mkdir()
     (tmp_path / f".out.{atomic.NEW}.abc" / "half.bin").write_text("half")
-    _write_folder(target, {"f": "x"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / f".m.pt.{atomic.NEW}.xyz").write_text("half")
+    _write_folder(tmp_path / "out", {"f": "x"})
+    with atomic_path(tmp_path / "m.pt") as tmp:
+        tmp.write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "out"]
