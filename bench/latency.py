@@ -232,7 +232,7 @@ def describe(model: dict[str, Any], batch: int, past_lengths: list[int]) -> dict
                 "weight_bytes_per_step": None, "kv_bytes_per_step": None}
     bundle = read_bundle(path)
     meta, kv = bundle.meta, bundle.kv_cache
-    files = [bundle.onnx_path, *bundle.directory.glob(f"{bundle.onnx_path.name}.data")]
+    files = [bundle.onnx_path, *([bundle.data_path] if bundle.data_path else [])]
     weights = graph_weight_bytes(bundle.onnx_path)
     kv_step = {str(p): 2 * kv.num_layers * batch * kv.num_heads * kv.head_dim * p * 4 for p in past_lengths}
     return {"model_type": meta.get("model_type"), "variant": meta.get("variant"),

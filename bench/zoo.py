@@ -6,7 +6,6 @@ under the output directory; a folder that is already complete is reused (pass `r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kninfer.atomic import atomic_path
+from kninfer.bundle import describe_models, read_bundle
 from kninfer.export.bundle import bundle_metadata, export_bundle, quantize_bundle
 from kninfer.modeling.compress import compress
 from kninfer.modeling.io import save
@@ -62,8 +62,7 @@ def _missing(folder: Path) -> bool:
 
 
 def _entry(folder: Path) -> dict[str, str]:
-    onnx_file = json.loads((folder / "kninfer.json").read_text())["onnx_file"]
-    return {"name": folder.name, "path": str(folder / onnx_file), "runtime": "onnxruntime"}
+    return {"name": folder.name, "path": str(read_bundle(folder).onnx_path), "runtime": "onnxruntime"}
 
 
 def optimum_bundle(teacher: GPT2LMHeadModel, out: Path, variant: str, fp32_folder: Path, tokenizer_json: str) -> None:
@@ -83,7 +82,8 @@ def optimum_bundle(teacher: GPT2LMHeadModel, out: Path, variant: str, fp32_folde
             quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True), save_dir=work)
             onnx_file = "model_quantized.onnx"
         (work / "tokenizer.json").write_text(tokenizer_json)
-        metadata = bundle_metadata(teacher, "causal-lm", variant, onnx_file)
+        metadata = bundle_metadata(teacher, "causal-lm", variant)
         data_file = f"{onnx_file}_data"  # optimum's name, written only past the 2 GB protobuf limit
         metadata["onnx_data_file"] = data_file if (work / data_file).exists() else None
-        (work / "kninfer.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        metadata["tokenizer_file"] = "tokenizer.json"
+        (work / "kninfer.json").write_text(describe_models({onnx_file: metadata}))

@@ -1,11 +1,21 @@
-"""The export pipeline: trace, check, verify, optionally quantize, then write the bundle files atomically."""
+"""The export pipeline: trace, check, verify, optionally quantize, then publish the graph into its bundle folder.
+
+Publishing keeps a bundle whole: the weights go to a file named for this export only (NAME.onnx.<8 hex>.data), then
+come the tokenizer and the graph, and kninfer.json, renamed last, commits them with the graph's and tokenizer's
+sha256. A kill before that leaves the previous entry, which either still matches its files or is refused at load as
+inconsistent; it never runs a new graph with old files. Only then are the files the replaced entry named deleted.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +26,17 @@ import onnx
 import torch
 from transformers import PreTrainedModel
 
+from kninfer.atomic import _umask_permissions
+from kninfer.bundle import (
+    FILE_FIELDS,
+    HASH_FIELDS,
+    METADATA_FILE,
+    TOKENIZER_FILE,
+    describe_models,
+    file_sha256,
+    read_bundle,
+    read_models,
+)
 from kninfer.errors import KninferError
 from kninfer.export.dense import densify
 from kninfer.export.onnx_config import TASKS, export_onnx
@@ -40,15 +61,18 @@ class ExportReport:
 def export_bundle(
     model: PreTrainedModel, out: str | os.PathLike, *, task: str = "causal-lm", variant: str = "fp32",
     opset: int = 18, tokenizer_json: str | None = None, verify: bool = True,
-    sample_ids: list[int] | None = None,
+    sample_ids: list[int] | None = None, overwrite: bool = False,
 ) -> ExportReport:
-    """Write `out` (.onnx) with tokenizer.json and kninfer.json beside it; nothing is left if any step fails."""
+    """Write `out` (.onnx) and its weights, tokenizer and kninfer.json entry beside it, other graphs of the folder
+    kept; nothing changes if any step fails. `overwrite` replaces files kninfer.json does not list."""
     out = Path(out)
     if task not in TASKS:
         raise KninferError(f"unknown task '{task}': expected one of {', '.join(TASKS)}")
     if variant not in VARIANTS:
         raise KninferError(f"unknown variant '{variant}': expected one of {', '.join(VARIANTS)}")
     _check_task(model, task)
+    _check_vocabulary(tokenizer_json, model.config.vocab_size)
+    _kept_models(out, overwrite)  # refuse before the slow part
     model = (densify(model) if variant == "dense" else model).eval()
     layers = sum(isinstance(m, (KroneckerLinear, KroneckerEmbedding)) for m in model.modules())
     with _staging(out) as work:
@@ -64,32 +88,30 @@ def export_bundle(
         if variant == "int8":
             final = work / "int8.onnx"
             agreement = _quantize(fp32, final, task, model.config.vocab_size, sample_ids)
-        size, nodes = _publish(final, bundle_metadata(model, task, variant, out.name), work, out, tokenizer_json)
+        size, nodes = _publish(final, bundle_metadata(model, task, variant), work, out, tokenizer_json, overwrite)
         return ExportReport(out, size, nodes, layers, verification, agreement)
 
 
-def quantize_bundle(source: str | os.PathLike, out: str | os.PathLike,
-                    sample_ids: list[int] | None = None) -> ExportReport:
-    """The int8 bundle `out` (.onnx) of the exported fp32 bundle whose graph is `source`, without tracing again."""
-    source, out = Path(source), Path(out)
-    try:
-        metadata = json.loads((source.parent / "kninfer.json").read_text())
-        tokenizer = source.parent / "tokenizer.json"
-        tokenizer_json = tokenizer.read_text() if tokenizer.is_file() else None
-    except (OSError, json.JSONDecodeError) as error:
-        raise KninferError(f"'{source}' is not in a readable bundle (kninfer.json beside it): {error}") from None
-    if metadata.get("variant") != "fp32":
-        raise KninferError(f"'{source}' is a {metadata.get('variant')} bundle: quantize an fp32 one")
-    metadata = {**metadata, "variant": "int8", "onnx_file": out.name, "onnx_data_file": f"{out.name}.data"}
+def quantize_bundle(source: str | os.PathLike, out: str | os.PathLike, sample_ids: list[int] | None = None, *,
+                    overwrite: bool = False) -> ExportReport:
+    """The int8 graph `out` (.onnx) of the exported fp32 graph `source` (or its folder), without tracing again."""
+    out = Path(out)
+    bundle = read_bundle(source, need_tokenizer=False)
+    if bundle.meta.get("variant") != "fp32":
+        raise KninferError(f"'{bundle.onnx_path}' is a {bundle.meta.get('variant')} bundle: quantize an fp32 one")
+    _kept_models(out, overwrite)
+    entry = {**{k: v for k, v in bundle.meta.items() if k not in FILE_FIELDS}, "variant": "int8"}
+    modules = (entry.get("kronecker") or {}).get("modules")
     with _staging(out) as work:
+        tokenizer_json = bundle.tokenizer_path.read_bytes().decode("utf-8") if bundle.tokenizer_path else None
         final = work / "int8.onnx"
-        agreement = _quantize(source, final, metadata["task"], metadata["vocab_size"], sample_ids)
-        size, nodes = _publish(final, metadata, work, out, tokenizer_json)
-        return ExportReport(out, size, nodes, len((metadata["kronecker"] or {}).get("modules", {})), None, agreement)
+        agreement = _quantize(bundle.onnx_path, final, bundle.task, bundle.vocab_size, sample_ids)
+        size, nodes = _publish(final, entry, work, out, tokenizer_json, overwrite)
+        return ExportReport(out, size, nodes, len(modules) if isinstance(modules, dict) else 0, None, agreement)
 
 
-def bundle_metadata(model: PreTrainedModel, task: str, variant: str, onnx_file: str) -> dict[str, Any]:
-    """kninfer.json: what the runtime needs to drive the graph (see the bundle contract)."""
+def bundle_metadata(model: PreTrainedModel, task: str, variant: str) -> dict[str, Any]:
+    """A graph's kninfer.json entry, less the files it is written to: what the runtime needs to drive it."""
     import onnxruntime
     import transformers
 
@@ -104,9 +126,7 @@ def bundle_metadata(model: PreTrainedModel, task: str, variant: str, onnx_file: 
               "present_key": "present.{i}.key", "present_value": "present.{i}.value"}
     eos = config.eos_token_id
     return {
-        "format": "kninfer-bundle", "format_version": 1, "onnx_file": onnx_file,
-        "onnx_data_file": f"{onnx_file}.data", "task": task,
-        "model_type": config.model_type, "variant": variant, "context_length": config.n_positions,
+        "task": task, "model_type": config.model_type, "variant": variant, "context_length": config.n_positions,
         "vocab_size": config.vocab_size, "eos_token_id": eos, "bos_token_id": config.bos_token_id,
         "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
         "labels": labels, "glue_task": getattr(config, "glue_task", None),
@@ -135,6 +155,21 @@ def _check_task(model: PreTrainedModel, task: str) -> None:
         raise KninferError("a classifier needs config.pad_token_id (the bundle pads with eos on the right)")
 
 
+def _check_vocabulary(tokenizer_json: str | None, vocab_size: int) -> None:
+    """A tokenizer with ids past the model's embedding makes onnxruntime fail at the first such token."""
+    if tokenizer_json is None:
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+    except Exception as error:  # tokenizers raises a bare Exception for bad JSON
+        raise KninferError(f"the tokenizer is not readable: {str(error).splitlines()[0]}") from None
+    if size > vocab_size:
+        raise KninferError(f"the tokenizer has {size} tokens but the model's vocabulary {vocab_size}: "
+                           "pass the model's own tokenizer")
+
+
 def _verify(model: PreTrainedModel, task: str, path: Path) -> Verification:
     if task == "causal-lm":
         return verify_causal_lm(model, str(path), lengths=[7, 4])
@@ -149,9 +184,11 @@ def _as_batch(ids: list[int]):
 
 @contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A scratch folder beside `out`, removed afterwards whatever happens; OSErrors become one-line errors."""
+    """A scratch folder beside `out`, removed afterwards whatever happens (and those of killed exports of `out`
+    before it is made); OSErrors become one-line errors."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_staging_leftovers(out)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as error:
         raise KninferError(f"cannot write to '{out.parent}': {error.strerror}") from None
@@ -174,27 +211,103 @@ def _quantize(fp32: Path, int8: Path, task: str, vocab_size: int, sample_ids: li
     return top1_agreement(str(fp32), str(int8), _as_batch(ids))
 
 
-def _publish(graph_path: Path, metadata: dict[str, Any], work: Path, out: Path,
-             tokenizer_json: str | None) -> tuple[int, int]:
-    """Stage the graph (metadata in its props), kninfer.json and tokenizer.json, then rename them beside `out`;
-    returns the graph's bytes on disk and its node count."""
+def _remove_staging_leftovers(out: Path) -> None:
+    """Folders that _staging made for `out` (tempfile.mkdtemp: the prefix and 8 random characters)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}")
+    for path in out.parent.iterdir():
+        if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(graph_path: Path, entry: dict[str, Any], work: Path, out: Path, tokenizer_json: str | None,
+             overwrite: bool) -> tuple[int, int]:
+    """Stage the graph (its entry in its props), weights, tokenizer and the folder's new kninfer.json, then rename
+    them beside `out` in that order, kninfer.json last; returns the graph's bytes on disk and its node count."""
+    models = _kept_models(out, overwrite)  # again: another graph may have been exported to the folder meanwhile
+    tokenizer = None if tokenizer_json is None else tokenizer_json.encode("utf-8")
+    entry = {**entry, "onnx_data_file": f"{out.name}.{uuid.uuid4().hex[:8]}.data",
+             "tokenizer_file": _tokenizer_file(out, models, tokenizer),
+             "tokenizer_sha256": None if tokenizer is None else hashlib.sha256(tokenizer).hexdigest()}
     graph = onnx.load(str(graph_path))
-    onnx.helper.set_model_props(graph, {k: json.dumps(v) for k, v in metadata.items()})
-    _save(graph, work / out.name)
-    names = [out.name, f"{out.name}.data"]
-    if tokenizer_json is not None:
-        (work / "tokenizer.json").write_text(tokenizer_json)
-        names.append("tokenizer.json")
-    (work / "kninfer.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    names.append("kninfer.json")  # last: its presence marks a complete bundle
-    for name in names:
+    onnx.helper.set_model_props(graph, {k: json.dumps(v) for k, v in entry.items() if k not in HASH_FIELDS})
+    _save(graph, work / out.name, entry["onnx_data_file"])
+    staged = [entry["onnx_data_file"], *_stage_tokenizer(work, out, entry["tokenizer_file"], tokenizer, models,
+                                                         overwrite), out.name]
+    entry["onnx_sha256"] = file_sha256(work / out.name)
+    described = {**models, out.name: entry}
+    (work / METADATA_FILE).write_text(describe_models(described), encoding="utf-8")
+    _umask_permissions(work)  # tempfile and onnx write some files 0600; a bundle's files get plain open()'s modes
+    for name in [*staged, METADATA_FILE]:  # kninfer.json last: the commit
         os.replace(work / name, out.parent / name)
-    return sum((out.parent / n).stat().st_size for n in names if n.startswith(out.name)), len(graph.graph.node)
+    _remove_stale(out, models.get(out.name), described)
+    return sum((out.parent / n).stat().st_size for n in (out.name, entry["onnx_data_file"])), len(graph.graph.node)
 
 
-def _save(graph: onnx.ModelProto, path: Path) -> None:
-    """The graph in `path`, its weights beside it in `path`.data: onnxruntime memory-maps that file instead of
+def _stage_tokenizer(work: Path, out: Path, name: str | None, tokenizer: bytes | None,
+                     models: dict[str, dict[str, Any]], overwrite: bool) -> list[str]:
+    """Write the tokenizer into `work` unless the folder holds these bytes under `name` already; what was written."""
+    if tokenizer is None or _holds(out.parent / name, tokenizer):
+        return []
+    _refuse_foreign(out.parent / name, models, overwrite)
+    (work / name).write_bytes(tokenizer)
+    return [name]
+
+
+def _kept_models(out: Path, overwrite: bool) -> dict[str, dict[str, Any]]:
+    """The entries of `out`'s folder that this export keeps; refuses to replace what kninfer did not write."""
+    models = {}
+    if (out.parent / METADATA_FILE).exists():
+        try:
+            models = read_models(out.parent)
+        except KninferError as error:
+            if not overwrite:
+                raise KninferError(f"{error}; refusing to replace it: remove it or export to another folder") from None
+    _refuse_foreign(out, models, overwrite)
+    return models
+
+
+def _refuse_foreign(path: Path, models: dict[str, dict[str, Any]], overwrite: bool) -> None:
+    if path.exists() and path.name not in _named(models) and not overwrite:
+        raise KninferError(f"'{path}' exists and '{path.parent / METADATA_FILE}' does not list it: refusing to "
+                           "replace a file kninfer did not write (remove it or pick another name)")
+
+
+def _tokenizer_file(out: Path, models: dict[str, dict[str, Any]], tokenizer: bytes | None) -> str | None:
+    """The folder's tokenizer.json when free, the same, or only this graph's; else NAME.tokenizer.json."""
+    if tokenizer is None:
+        return None
+    shared = out.parent / TOKENIZER_FILE
+    users = {name for name, entry in models.items() if entry.get("tokenizer_file") == TOKENIZER_FILE}
+    if not shared.exists() or _holds(shared, tokenizer) or users == {out.name}:
+        return TOKENIZER_FILE
+    return f"{out.stem}.{TOKENIZER_FILE}"
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+
+
+def _named(models: dict[str, dict[str, Any]]) -> set[str]:
+    """Every file the entries name: graphs, weights, tokenizers."""
+    files = {entry.get(key) for entry in models.values() for key in ("onnx_data_file", "tokenizer_file")}
+    return set(models) | {name for name in files if isinstance(name, str)}
+
+
+def _remove_stale(out: Path, replaced: dict[str, Any] | None, models: dict[str, dict[str, Any]]) -> None:
+    """Delete what no entry names any more, among the files kninfer writes for `out`: its weights (the replaced
+    entry's and those of killed exports) and the tokenizer the replaced entry used."""
+    weights = re.compile(rf"{re.escape(out.name)}(\.[0-9a-f]{{8}})?\.data")
+    stale = {path.name for path in out.parent.iterdir() if weights.fullmatch(path.name)}
+    if replaced is not None and replaced.get("tokenizer_file") in (TOKENIZER_FILE, f"{out.stem}.{TOKENIZER_FILE}"):
+        stale.add(replaced["tokenizer_file"])
+    for name in stale - _named(models):
+        with contextlib.suppress(OSError):  # the bundle is committed: a file left behind only costs disk space
+            (out.parent / name).unlink()
+
+
+def _save(graph: onnx.ModelProto, path: Path, data_file: str) -> None:
+    """The graph in `path`, its weights beside it in `data_file`: onnxruntime memory-maps that file instead of
     copying a parsed protobuf (peak RSS at load: 59 MB instead of 569 MB for GPT-2-small-sized kngpt2 --tie-head),
     and the 2 GB protobuf limit never applies."""
     onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+                    location=data_file, size_threshold=1024)

@@ -1,4 +1,4 @@
-"""Export-time forwards for GPT-2's blocks with constant reshape targets (DESIGN.md "Static reshapes").
+"""Export-time forwards for GPT-2's blocks with constant reshape targets (docs/architecture.md, "ONNX graph rules").
 
 transformers' attention, mask and Conv1D code size their reshapes from `x.size()`, which traces to
 Shape -> Gather -> Unsqueeze -> Concat chains in every layer. These replacements compute the same values

@@ -77,7 +77,8 @@ class _Row:
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str], context: int, max_new_tokens: int,
                    truncate: bool) -> list[list[int]]:
-    """Token ids per prompt; a prompt that fills the context is an error, or loses its start with `truncate`."""
+    """Token ids per prompt; a prompt that fills the context is an error, or with `truncate` keeps its last tokens:
+    room for `max_new_tokens`, though never less than half the context. A prompt that fits is kept whole."""
     if not prompts:
         raise KninferError("no prompt given: pass --prompt TEXT (or --prompt - to read stdin)")
     encoded = []
@@ -85,11 +86,11 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str], context: int, max_n
         ids = encode(tokenizer, prompt)
         if not ids:
             raise KninferError(f"prompt {number} is empty: expected some text to continue")
-        if truncate:
-            ids = ids[-max(context - max_new_tokens, 1):]
-        elif len(ids) >= context:
-            raise KninferError(f"prompt {number} has {len(ids)} tokens but the model's context is {context}: "
-                               "shorten it or pass --truncate left")
+        if len(ids) >= context:
+            if not truncate:
+                raise KninferError(f"prompt {number} has {len(ids)} tokens but the model's context is {context}: "
+                                   "shorten it or pass --truncate left")
+            ids = ids[-max(context - max_new_tokens, (context + 1) // 2):]
         encoded.append(ids)
     return encoded
 

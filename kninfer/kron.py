@@ -16,8 +16,16 @@ from torch import nn
 from kninfer.errors import KninferError
 
 
+def check_positive(**values: object) -> None:
+    """Raise a one-line error unless every value is a positive integer (True and 2.0 are not)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KninferError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_divides(out_features: int, in_features: int, m1: int, n1: int, m2: int, n2: int) -> None:
-    """Raise a one-line error unless (m1*m2, n1*n2) == (out, in)."""
+    """Raise a one-line error unless the factor shapes are positive integers with (m1*m2, n1*n2) == (out, in)."""
+    check_positive(m1=m1, n1=n1, m2=m2, n2=n2)
     if m1 * m2 != out_features or n1 * n2 != in_features:
         raise KninferError(
             f"factor shapes A ({m1}, {n1}) ⊗ B ({m2}, {n2}) give a ({m1 * m2}, {n1 * n2}) weight, "
@@ -42,6 +50,7 @@ def nearest_kronecker(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r sum_k A_k ⊗ B_k to W in Frobenius norm (Van Loan and Pitsianis): top-r SVD of R."""
     check_divides(*W.shape, m1, n1, m2, n2)
+    check_positive(rank=rank)
     if not 1 <= rank <= min(m1 * n1, m2 * n2):
         raise KninferError(f"rank {rank} must be between 1 and {min(m1 * n1, m2 * n2)} for these factor shapes")
     R = rearrange(W.detach().double(), m1, n1, m2, n2)
@@ -99,6 +108,7 @@ def matmul_costs(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int]:
 
 def factor_shapes(out_features: int, in_features: int, rank: int = 1) -> list[FactorShape]:
     """Every non-trivial (m1, n1, m2, n2) for an (out, in) weight, smallest first."""
+    check_positive(out_features=out_features, in_features=in_features, rank=rank)
     shapes = []
     for m2 in _divisors(out_features):
         for n2 in _divisors(in_features):
@@ -148,6 +158,7 @@ class KroneckerLinear(nn.Module):
     ) -> None:
         super().__init__()
         check_divides(out_features, in_features, m1, n1, m2, n2)
+        check_positive(rank=rank)
         self.in_features, self.out_features = in_features, out_features
         self.m1, self.n1, self.m2, self.n2, self.rank = m1, n1, m2, n2, rank
         self.A = nn.Parameter(torch.empty(rank, m1, n1))
@@ -230,6 +241,7 @@ class KroneckerEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, f: int, rank: int = 1) -> None:
         super().__init__()
+        check_positive(f=f, rank=rank)
         check_divides(num_embeddings, embedding_dim, num_embeddings, embedding_dim // f, 1, f)
         self.num_embeddings, self.embedding_dim, self.f, self.rank = num_embeddings, embedding_dim, f, rank
         self.A_t = nn.Parameter(torch.empty(embedding_dim // f * rank, num_embeddings))

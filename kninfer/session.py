@@ -26,6 +26,7 @@ def open_session(bundle: Bundle, threads: int | None = None, optimization: str =
     options.graph_optimization_level = OPTIMIZATION[optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
+    options.log_severity_level = 4  # failures come back as exceptions, made one-line errors: no log lines besides
     if low_memory:  # MLAS keeps a pre-packed copy of each MatMul weight: ~180 MB on GPT-2 small, ~10% faster decode
         options.add_session_config_entry("session.disable_prepacking", "1")
     if threads is not None:
@@ -35,16 +36,43 @@ def open_session(bundle: Bundle, threads: int | None = None, optimization: str =
     try:
         return ort.InferenceSession(str(bundle.onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no base class
-        raise KninferError(f"'{bundle.onnx_path}' is not a loadable ONNX model: {error}") from None
+        raise KninferError(f"'{bundle.onnx_path}' is not a loadable ONNX model: {_first_line(error)}") from None
 
 
 def _check_io(session: ort.InferenceSession, bundle: Bundle, inputs: list[str], outputs: list[str]) -> None:
     """The graph's inputs and outputs must be exactly those kninfer.json promises."""
     found = sorted(i.name for i in session.get_inputs()), {o.name for o in session.get_outputs()}
     if found[0] != sorted(inputs) or not set(outputs) <= found[1]:
-        raise KninferError(f"'{bundle.onnx_path}' does not match its kninfer.json ({bundle.task}): graph inputs "
-                           f"{found[0]}, outputs {sorted(found[1])}; expected inputs {sorted(inputs)}, "
-                           f"outputs {outputs}")
+        raise _mismatch(bundle, f"graph inputs {found[0]}, outputs {sorted(found[1])}; expected inputs "
+                                f"{sorted(inputs)}, outputs {outputs}")
+
+
+def _check_dims(bundle: Bundle, node: ort.NodeArg, expected: dict[int, int]) -> None:
+    """The static sizes of a graph input or output (axis -> size) must be kninfer.json's; symbolic ones pass."""
+    for axis, size in expected.items():
+        found = node.shape[axis] if -len(node.shape) <= axis < len(node.shape) else None
+        if isinstance(found, int) and found != size:
+            raise _mismatch(bundle, f"{node.name} has size {found} on axis {axis}, kninfer.json implies {size}")
+
+
+def _output(session: ort.InferenceSession, name: str) -> ort.NodeArg:
+    return next(o for o in session.get_outputs() if o.name == name)
+
+
+def _mismatch(bundle: Bundle, detail: str) -> KninferError:
+    return KninferError(f"'{bundle.onnx_path}' does not match its kninfer.json ({bundle.task}): {detail}")
+
+
+def _run(model: CausalLM | Classifier, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """session.run; a graph that kninfer.json over-promises (a context past its positions) fails in one line."""
+    try:
+        return model.session.run(outputs, feeds)
+    except Exception as error:  # onnxruntime's pybind errors share no base class
+        raise KninferError(f"onnxruntime failed to run '{model.bundle.onnx_path}': {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class CausalLM:
@@ -56,11 +84,17 @@ class CausalLM:
             raise KninferError(f"'{bundle.onnx_path}' is a {bundle.task} bundle: text generation needs causal-lm")
         self.bundle, self.kv = bundle, bundle.kv_cache
         self.session = open_session(bundle, threads, optimization, low_memory)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if len(inputs) != 3 + 2 * self.kv.num_layers:  # before building names: num_layers comes from a file
+            raise _mismatch(bundle, f"the graph has {len(inputs)} inputs, kv_cache.num_layers "
+                                    f"{self.kv.num_layers} needs {3 + 2 * self.kv.num_layers}")
         self.past_names, self.output_names = self.kv.past_names(), ["logits", *self.kv.present_names()]
         _check_io(self.session, bundle, ["input_ids", "attention_mask", "position_ids", *self.past_names],
                   self.output_names)
-        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
-        self.cache_dtype = NUMPY_TYPES.get(past_type, np.float32)
+        for name in self.past_names:
+            _check_dims(bundle, inputs[name], {1: self.kv.num_heads, 3: self.kv.head_dim})
+        _check_dims(bundle, _output(self.session, "logits"), {-1: bundle.vocab_size})
+        self.cache_dtype = NUMPY_TYPES.get(inputs[self.past_names[0]].type, np.float32)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """A cache of length 0: what the first step (the prompt) takes."""
@@ -74,7 +108,7 @@ class CausalLM:
         # reads contiguous inputs in place, so IOBinding or OrtValue feeds measured no faster (same median).
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                  **dict(zip(self.past_names, cache, strict=True))}
-        logits, *present = self.session.run(self.output_names, feeds)
+        logits, *present = _run(self, self.output_names, feeds)
         return logits.astype(np.float32, copy=False), present
 
 
@@ -89,8 +123,10 @@ class Classifier:
         self.bundle = bundle
         self.session = open_session(bundle, threads, optimization, low_memory)
         _check_io(self.session, bundle, ["input_ids", "attention_mask"], ["logits"])
+        if bundle.labels is not None:
+            _check_dims(bundle, _output(self.session, "logits"), {-1: len(bundle.labels)})
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits (batch, num_labels) as float32."""
-        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
+        (logits,) = _run(self, ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
         return logits.astype(np.float32, copy=False)

@@ -124,8 +124,11 @@ def read_glue_tsv(path: str | Path, task: GlueTask) -> tuple[list[tuple[str, ...
     path = Path(path)
     if not path.is_file():
         raise KninferError(f"'{path}': no such file (expected a GLUE {task.folder} TSV)")
-    with open(path, encoding="utf-8-sig", newline="") as handle:  # utf-8-sig drops MRPC's BOM
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # utf-8-sig drops MRPC's BOM
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as error:
+        raise KninferError(f"'{path}' is not UTF-8 text ({error.reason})") from None
     if not rows:
         raise KninferError(f"'{path}' is empty")
     header = rows[0]

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kninfer.bundle import read_bundle
+
 REPO = Path(__file__).resolve().parents[1]
 LATENCY = REPO / "bench" / "latency.py"
 PAST = [4, 16]
@@ -67,9 +69,9 @@ def test_schema_and_settings(run):
         assert model["memory_low"]["new_tokens"] == 8 and 20e6 < model["memory_low"]["peak_rss_bytes"] < 400e6
         assert all(r["peak_rss_bytes"] < 400e6 for r in model["rounds"])
         assert model["perplexity"]["tokens"] > 100 and model["perplexity"]["perplexity"] > 1
-        meta = json.loads((Path(model["path"]).parent / "kninfer.json").read_text())
-        assert model["parameters"] == meta["parameters"]
-        assert model["file_bytes"] == sum(Path(f"{model['path']}{ext}").stat().st_size for ext in ("", ".data"))
+        bundle = read_bundle(model["path"])
+        assert model["parameters"] == bundle.meta["parameters"]
+        assert model["file_bytes"] == sum(p.stat().st_size for p in (bundle.onnx_path, bundle.data_path))
     assert "| gpt2 | onnxruntime | fp32 |" in done.stdout
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -166,7 +168,7 @@ def test_classification_graph(tiny_teacher, tmp_path, pad):
     classifier = KnGPT2ForSequenceClassification(config).eval()
     report = export_bundle(classifier, tmp_path / "cls.onnx", task="sequence-classification", verify=False)
     assert verify_classifier(classifier, str(report.onnx_path), lengths=[7, 4, 1]).max_abs_diff <= TOL
-    meta = json.loads((tmp_path / "kninfer.json").read_text())
+    meta = json.loads((tmp_path / "kninfer.json").read_text())["models"]["cls.onnx"]
     assert meta["task"] == "sequence-classification" and meta["kv_cache"] is None and len(meta["labels"]) == 2
 
 
@@ -189,9 +191,12 @@ def test_int8_reads_the_int8_table(models, int8):
 def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
     """Quantizing an exported fp32 bundle gives what `export --int8` gives, without tracing again."""
     report = quantize_bundle(exported["kngpt2-tied"], tmp_path / "later" / "q.onnx")
-    meta = json.loads((tmp_path / "later" / "kninfer.json").read_text())
-    fp32_meta = json.loads((exported["kngpt2-tied"].parent / "kninfer.json").read_text())
-    assert meta == {**fp32_meta, "variant": "int8", "onnx_file": "q.onnx", "onnx_data_file": "q.onnx.data"}
+    meta = json.loads((tmp_path / "later" / "kninfer.json").read_text())["models"]["q.onnx"]
+    fp32_meta = json.loads((exported["kngpt2-tied"].parent / "kninfer.json").read_text())["models"]["model.onnx"]
+    files = ("onnx_data_file", "onnx_sha256")  # the graph's own files; the tokenizer (none here) is the same
+    assert {k: v for k, v in meta.items() if k not in files} == {
+        **{k: v for k, v in fp32_meta.items() if k not in files}, "variant": "int8"}
+    assert re.fullmatch(r"q\.onnx\.[0-9a-f]{8}\.data", meta["onnx_data_file"])
     assert report.int8_agreement == int8.int8_agreement
     config = models["kngpt2-tied"].config
     ids = np.arange(0, config.vocab_size, 97, dtype=np.int64)[None, :20]
@@ -206,13 +211,20 @@ def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
 def test_bundle_files(models, tmp_path, gpt2_tokenizer):
     tokenizer_json = gpt2_tokenizer.backend_tokenizer.to_str()
     export_bundle(models["kngpt2"], tmp_path / "m.onnx", tokenizer_json=tokenizer_json, verify=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kninfer.json", "m.onnx", "m.onnx.data", "tokenizer.json"]
-    assert (tmp_path / "m.onnx").stat().st_size < 100_000, "the weights belong in m.onnx.data"
     meta = json.loads((tmp_path / "kninfer.json").read_text())
-    assert meta["onnx_file"] == "m.onnx" and meta["model_type"] == "kngpt2" and meta["variant"] == "fp32"
-    assert meta["kv_cache"]["num_layers"] == 4 and meta["kv_cache"]["head_dim"] == 8
+    assert meta["format"] == "kninfer-bundle" and meta["format_version"] == 2 and list(meta["models"]) == ["m.onnx"]
+    entry = meta["models"]["m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kninfer.json", "m.onnx", entry["onnx_data_file"],
+                                                          "tokenizer.json"]
+    assert re.fullmatch(r"m\.onnx\.[0-9a-f]{8}\.data", entry["onnx_data_file"])
+    assert (tmp_path / "m.onnx").stat().st_size < 100_000, "the weights belong in the .data file"
+    assert entry["model_type"] == "kngpt2" and entry["variant"] == "fp32"
+    assert entry["tokenizer_file"] == "tokenizer.json"
+    assert entry["kv_cache"]["num_layers"] == 4 and entry["kv_cache"]["head_dim"] == 8
+    assert entry["onnx_sha256"] == hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest()
+    assert entry["tokenizer_sha256"] == hashlib.sha256(tokenizer_json.encode()).hexdigest()
     props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
-    assert props == meta
+    assert props == {k: v for k, v in entry.items() if not k.endswith("_sha256")}
 
 
 def test_failed_verification_writes_nothing(models, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kninfer.bundle import read_bundle
+from kninfer.bundle import file_sha256, read_bundle
 from kninfer.classify import classify, predict
 from kninfer.errors import KninferError
 from kninfer.generate import Sampling, _Row, _stream, generate, next_tokens
@@ -242,20 +242,28 @@ def _broken_bundles(source: Path, root: Path) -> dict[str, tuple[Path, str]]:
     meta = json.loads((source / "kninfer.json").read_text())
     (cases["wrong_format"] / "kninfer.json").write_text(json.dumps({**meta, "format_version": 99}))
     (cases["corrupt_onnx"] / "model.onnx").write_bytes(b"\x00garbage" * 100)
-    (cases["no_weights"] / "model.onnx.data").unlink()
+    _edit_entry(cases["corrupt_onnx"], onnx_sha256=file_sha256(cases["corrupt_onnx"] / "model.onnx"))
+    weights = read_bundle(source).data_path.name
+    (cases["no_weights"] / weights).unlink()
     (cases["no_tokenizer"] / "tokenizer.json").unlink()
-    kv = {**meta["kv_cache"], "num_layers": 2}
-    (cases["wrong_layers"] / "kninfer.json").write_text(json.dumps({**meta, "kv_cache": kv}))
+    _edit_entry(cases["wrong_layers"], kv_cache={**meta["models"]["model.onnx"]["kv_cache"], "num_layers": 2})
     return {
         "missing": (root / "nowhere", "does not exist"),
         "no_json": (cases["no_json"], "kninfer.json' is missing"),
         "bad_json": (cases["bad_json"], "not valid JSON"),
         "wrong_format": (cases["wrong_format"], "format_version 99"),
         "corrupt_onnx": (cases["corrupt_onnx"], "not a loadable ONNX model"),
-        "no_weights": (cases["no_weights"], "model.onnx.data' is missing"),
+        "no_weights": (cases["no_weights"], f"{weights}' is missing"),
         "no_tokenizer": (cases["no_tokenizer"], "tokenizer.json' is missing"),
         "wrong_layers": (cases["wrong_layers"], "does not match its kninfer.json"),
     }
+
+
+def _edit_entry(folder: Path, **fields) -> None:
+    """Set fields of model.onnx's entry in the folder's kninfer.json."""
+    meta = json.loads((folder / "kninfer.json").read_text())
+    meta["models"]["model.onnx"].update(fields)
+    (folder / "kninfer.json").write_text(json.dumps(meta))
 
 
 def test_bad_bundles_raise_clear_errors(gpt2_bundle, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,23 @@ def load_lm_text(source: str, split: str = "train") -> Dataset:
             return load_dataset(name, config or None, split=split)
         except Exception as error:  # the hub raises many types: unreachable, unknown name, unknown config
             raise KninferError(f"cannot load dataset '{source}' from the hub: {str(error).splitlines()[0]}") from None
+    for file in files:
+        _check_text_file(file)
     return load_dataset("text", data_files=[str(f) for f in files], split="train", keep_linebreaks=True)
+
+
+def _check_text_file(path: Path) -> None:
+    """Refuse an empty or non-UTF-8 file now: the datasets text loader fails on it with a traceback."""
+    if path.stat().st_size == 0:
+        raise KninferError(f"'{path}' is empty: expected some text")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as handle:
+        try:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as error:
+            raise KninferError(f"'{path}' is not UTF-8 text ({error.reason})") from None
 
 
 def lm_blocks(

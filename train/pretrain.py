@@ -11,10 +11,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainingArguments
 
 from kninfer.atomic import write_text
+from kninfer.errors import KninferError
 from kninfer.modeling.io import check_output, save
 from kninfer.train.data import lm_blocks, load_lm_text
+from kninfer.train.trainer import StopOnInterrupt, last_checkpoint
 
 EOS = "<|endoftext|>"
+DTYPES = ("float32", "float16")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
@@ -35,7 +38,14 @@ def pretrain(
     block_size: int = 256, epochs: float = 1.0, max_steps: int = -1, batch_size: int = 16, lr: float = 1e-3,
     seed: int = 0, eval_data: str | None = None, dtype: str = "float32", overwrite: bool = False,
 ) -> GPT2LMHeadModel:
-    """Train a GPT-2 of the given shape from scratch on `data` (train split) and save it to `out`."""
+    """Train a GPT-2 of the given shape from scratch on `data` (train split) and save it to `out`.
+
+    A run stopped by Ctrl-C or SIGTERM saves a checkpoint and raises KeyboardInterrupt; the next run resumes it.
+    """
+    if dtype not in DTYPES:
+        raise KninferError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if n_embd % n_head:
+        raise KninferError(f"--n-embd {n_embd} is not a multiple of --n-head {n_head}")
     check_output(out, overwrite)
     torch.manual_seed(seed)
     text = load_lm_text(data, "train")
@@ -55,15 +65,13 @@ def pretrain(
         eval_strategy="epoch" if eval_blocks is not None else "no", per_device_eval_batch_size=batch_size,
         report_to=[], seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks)
-    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    interrupt = StopOnInterrupt()
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+                      callbacks=[interrupt])
+    trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    if interrupt.requested:
+        raise KeyboardInterrupt  # the checkpoint is saved; callers report the interruption as for a plain Ctrl-C
     model = model.to(getattr(torch, dtype)).eval()
     save(model, out, tokenizer, overwrite=overwrite)
     write_text(Path(out) / "train_log.json", json.dumps(trainer.state.log_history, indent=1))
     return model
-
-
-def _last_checkpoint(folder: str) -> str | None:
-    """The newest `checkpoint-N` in `folder`, to resume an interrupted run."""
-    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(checkpoints[-1]) if checkpoints else None

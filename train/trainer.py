@@ -1,39 +1,47 @@
 """DistillTrainer: transformers' Trainer with the loss replaced by weighted distillation terms from a frozen teacher.
 
 Checkpoints, resume, gradient accumulation, mixed precision, logging and DDP/FSDP/DeepSpeed (torchrun or
-`accelerate launch`) all come from Trainer; this module only supplies `compute_loss`, per-term logging and a
-Ctrl-C that stops at the end of the current step with a resumable checkpoint.
+`accelerate launch`) all come from Trainer; this module only supplies `compute_loss`, per-term logging, a
+Ctrl-C (or SIGTERM) that stops at the end of the current step with a resumable checkpoint, and the choice of
+the checkpoint to resume.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from kninfer.errors import KninferError
 from kninfer.train.losses import TERMS, loss_terms
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what `kill`, `docker stop` and job schedulers send
+CHECKPOINT_FILES = {  # what a finished save holds besides trainer_state.json (plain, DDP, FSDP or DeepSpeed)
+    "weights": ("model*.safetensors", "pytorch_model*"),
+    "optimizer state": ("optimizer*", "global_step*"),
+}
+
 
 class StopOnInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the step, save a checkpoint and stop; a second Ctrl-C aborts at once."""
+    """First Ctrl-C or SIGTERM: finish the step, save a checkpoint and stop; a second one acts at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        signal.signal(signum, self._previous[signum])
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in INTERRUPTS}
 
     def on_step_end(self, args, state, control, **kwargs):
         requested = torch.tensor(float(self.requested), device=args.device)
@@ -44,7 +52,30 @@ class StopOnInterrupt(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The newest complete `checkpoint-N` in `folder`; one a kill cut short is skipped, with a note on stderr."""
+    numbered = [p for p in Path(folder).glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    for path in sorted(numbered, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+        missing = _missing_parts(path)
+        if not missing:
+            return str(path)
+        print(f"note: skipping incomplete '{path}' (no {', '.join(missing)})", file=sys.stderr)
+    return None
+
+
+def _missing_parts(checkpoint: Path) -> list[str]:
+    """What a finished save would have left in `checkpoint` but is not there (Trainer writes the state last)."""
+    missing = [part for part, patterns in CHECKPOINT_FILES.items()
+               if not any(any(checkpoint.glob(pattern)) for pattern in patterns)]
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        missing.append("readable trainer_state.json")
+    return missing
 
 
 def use_eager_attention(model: PreTrainedModel) -> None:
@@ -127,7 +158,8 @@ def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: Pre
     """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
 
     With `resume`, training continues from the last `checkpoint-N` there (same optimizer, scheduler, RNG and
-    data position). Check `trainer.interrupt.requested`: True when Ctrl-C stopped it at a saved checkpoint.
+    data position). Check `trainer.interrupt.requested`: True when Ctrl-C or SIGTERM stopped it at a saved
+    checkpoint.
     """
     gpu = torch.cuda.is_available()  # on CPU, use_cpu is what makes torchrun's ranks a gloo process group
     defaults: dict[str, Any] = {"report_to": [], "save_total_limit": 2, "logging_steps": 10, "save_steps": 500,
@@ -137,8 +169,8 @@ def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: Pre
                              callbacks=callbacks, teacher=teacher, kd=kd, alphas=alphas, temperature=temperature)
     checkpoint = None
     if resume:
-        checkpoint = get_last_checkpoint(str(checkpoints)) if Path(checkpoints).is_dir() else None
+        checkpoint = last_checkpoint(checkpoints)
         if checkpoint is None:
-            raise KninferError(f"--resume: no checkpoint-N folder in '{checkpoints}'")
+            raise KninferError(f"--resume: no complete checkpoint-N folder in '{checkpoints}'")
     trainer.train(resume_from_checkpoint=checkpoint)
     return trainer

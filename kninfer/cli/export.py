@@ -10,6 +10,7 @@ import typer
 from kninfer.cli.output import console
 from kninfer.errors import KninferError
 
+MIN_OPSET = 9  # the traced graph's Range (position ids) has no ONNX form below opset 9
 SAMPLE_TEXT = (
     "The history of the city begins in the early nineteenth century, when a small group of settlers built "
     "a mill beside the river. Within fifty years the town had grown into a busy market for the farms around it."
@@ -21,7 +22,8 @@ def export(
     out: Annotated[Path, typer.Argument(help="The graph to write, DIR/NAME.onnx; tokenizer.json and kninfer.json "
                                              "go beside it.")],
     task: Annotated[str, typer.Option(help="causal-lm (logits + KV cache) or sequence-classification.")] = "causal-lm",
-    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
+    opset: Annotated[int, typer.Option(help=f"ONNX opset version ({MIN_OPSET} up to what the installed torch "
+                                            "exporter supports).")] = 18,
     dense: Annotated[bool, typer.Option("--dense", help="Materialise every Kronecker weight (a dense baseline "
                                                         "for benchmarks).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization of the MatMul weights, per "
@@ -37,6 +39,7 @@ def export(
 
     if dense and int8:
         raise KninferError("--dense and --int8 are exclusive: pick one variant")
+    _check_opset(opset)
     if out.suffix != ".onnx":
         raise KninferError(f"'{out}': the output must be a .onnx file")
     loaded, own_tokenizer = load(model)
@@ -65,6 +68,16 @@ def export(
         console.print(f"int8 top-1 next-token agreement with fp32 on {source}: {report.int8_agreement:.1%}")
     if not tokenizer_json:
         console.print("no tokenizer bundled: pass --tokenizer DIR|tokenizer.json to add one")
+
+
+def _check_opset(opset: int) -> None:
+    """Refuse an opset the exporter cannot write before loading the model (it fails late, with a traceback)."""
+    import torch
+    from torch.onnx._constants import ONNX_MAX_OPSET  # the exporter's own bound; no public name for it
+
+    if not MIN_OPSET <= opset <= ONNX_MAX_OPSET:
+        raise KninferError(f"--opset {opset}: expected {MIN_OPSET} to {ONNX_MAX_OPSET} (the lowest this graph "
+                           f"needs, the highest torch {torch.__version__} exports)")
 
 
 def read_tokenizer(path: Path) -> str:

@@ -9,8 +9,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kninfer.cli import MAX_SEED, check_output_file, write_output
+from kninfer.errors import KninferError
+
 BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside).")]
-ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).", min=1)]
 LowMemoryOption = Annotated[bool, typer.Option(help="Skip onnxruntime's pre-packed weight copies: less memory "
                                                     "(about the fp32 MatMul weights' size less), slower steps.")]
 stderr = Console(stderr=True)
@@ -24,16 +27,17 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Sample among the likeliest tokens holding this mass (1 = all).")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages tokens already seen (1 = off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sample.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sample.", min=0,
+                                             max=MAX_SEED)] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt only).")] = True,
     threads: ThreadsOption = None,
     low_memory: LowMemoryOption = False,
-    truncate: Annotated[str, typer.Option(help="'left' drops a too-long prompt's start; 'none': an error.")] = "none",
+    truncate: Annotated[str, typer.Option(help="'left' drops the start of a prompt that fills the context; "
+                                               "'none': such a prompt is an error.")] = "none",
 ) -> None:
     """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
     from kninfer.bundle import read_bundle
-    from kninfer.errors import KninferError
     from kninfer.generate import Sampling
     from kninfer.generate import generate as run_generation
     from kninfer.session import CausalLM
@@ -44,7 +48,7 @@ def generate(
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
     sampling.check()
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
+    prompts = [_stdin_text() if p == "-" else _argv_text(p, f"--prompt {n}") for n, p in enumerate(prompt, 1)]
     info = read_bundle(bundle)
     tokenizer = load_tokenizer(info.tokenizer_path)
     model = CausalLM(info, threads=threads, low_memory=low_memory)
@@ -64,9 +68,10 @@ def classify(
     text: Annotated[list[str] | None, typer.Option(help="A sentence to classify; repeatable.")] = None,
     pair: Annotated[list[str] | None, typer.Option(help="The second sentence of each --text (pair tasks).")] = None,
     file: Annotated[Path | None, typer.Option(help="A GLUE TSV (dev/test layout) to classify, not --text.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write 'index<TAB>prediction' rows for --file here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write 'index<TAB>prediction' rows for --file here (default "
+                                                  "for an unlabelled file: stdout).")] = None,
     task: Annotated[str | None, typer.Option(help="GLUE task of --file (default: the bundle's glue_task).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per onnxruntime call.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Sequences per onnxruntime call.", min=1)] = 16,
     threads: ThreadsOption = None,
     low_memory: LowMemoryOption = False,
 ) -> None:
@@ -77,7 +82,6 @@ def classify(
     from kninfer.bundle import read_bundle
     from kninfer.classify import classify as run_classifier
     from kninfer.classify import predict
-    from kninfer.errors import KninferError
     from kninfer.session import Classifier
     from kninfer.tokenizer import load_tokenizer
 
@@ -85,8 +89,8 @@ def classify(
         raise KninferError("give either --text (with --pair for pairs) or --file, not both and not neither")
     if pair and len(pair) != len(text or []):
         raise KninferError(f"{len(pair)} --pair for {len(text or [])} --text: give one --pair per --text")
-    if batch_size < 1:
-        raise KninferError(f"--batch-size is {batch_size}: expected 1 or more")
+    if out is not None:
+        check_output_file(out)
     info = read_bundle(bundle)
     model = Classifier(info, threads=threads, low_memory=low_memory)
     tokenizer = load_tokenizer(info.tokenizer_path)
@@ -101,7 +105,9 @@ def classify(
         if not inputs:
             raise KninferError(f"'{file}' has no rows to classify")
     else:
-        inputs = [(t, p) for t, p in zip(text, pair, strict=True)] if pair else [(t,) for t in text]
+        columns = [[_argv_text(t, f"--{option} {n}") for n, t in enumerate(values, 1)]
+                   for option, values in (("text", text), ("pair", pair)) if values]
+        inputs = list(zip(*columns, strict=True))
     with Progress(console=stderr, transient=True) as progress:
         bar = progress.add_task("classifying", total=len(inputs))
         logits = run_classifier(model, tokenizer, inputs, batch_size, lambda n: progress.advance(bar, n))
@@ -110,13 +116,12 @@ def classify(
         for name in names:
             print(name)
         return
+    rows = "index\tprediction\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(names))
     if out is not None:
-        from kninfer.atomic import atomic_path
-
-        with atomic_path(out) as tmp:
-            tmp.write_text("index\tprediction\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(names)),
-                           encoding="utf-8")
+        write_output(out, rows)
         stderr.print(f"wrote {out}")
+    elif gold is None:
+        _write(rows)
     if gold is not None:
         scores = glue.metrics(np.asarray(values), gold)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
@@ -136,7 +141,6 @@ def eval_(
     from rich.progress import Progress
 
     from kninfer.bundle import read_bundle
-    from kninfer.errors import KninferError
     from kninfer.perplexity import lm_text, perplexity
     from kninfer.session import CausalLM
     from kninfer.tokenizer import encode, load_tokenizer
@@ -146,6 +150,8 @@ def eval_(
     except (OSError, UnicodeDecodeError) as error:
         raise KninferError(f"cannot read '{text_file}' as UTF-8 text: {error}") from None
     info = read_bundle(bundle)
+    if info.task != "causal-lm":
+        raise KninferError(f"'{bundle}' is a {info.task} bundle: perplexity needs a causal-lm bundle")
     model = CausalLM(info, threads=threads, low_memory=low_memory)
     ids = encode(load_tokenizer(info.tokenizer_path), lm_text(text))
     with Progress(console=stderr, transient=True) as progress:
@@ -158,6 +164,23 @@ def eval_(
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _stdin_text() -> str:
+    """All of stdin, which must be UTF-8."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise KninferError(f"stdin is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _argv_text(text: str, option: str) -> str:
+    """`text` from the command line, which must be UTF-8: Python hands other bytes over as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KninferError(f"{option} is not UTF-8 text") from None
+    return text
 
 
 eval_.__name__ = "eval"  # the command's name (typer reads __name__); `eval` itself would shadow the builtin

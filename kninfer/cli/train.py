@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kninfer.cli import MAX_SEED, above_zero, check_output_file, write_output
 from kninfer.cli.output import OverwriteOption, console
 from kninfer.errors import KninferError
 
@@ -19,11 +20,13 @@ PRECISIONS = {"fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}
 Checkpoints = Annotated[Path | None, typer.Option(help="Checkpoint folder (default: OUT.checkpoints).")]
 Resume = Annotated[bool, typer.Option(help="Continue from the last checkpoint in the checkpoint folder.")]
 Precision = Annotated[str, typer.Option(help="fp32, bf16 or fp16 (mixed precision on a GPU).")]
-Seed = Annotated[int, typer.Option(help="Random seed (data order, dropout, new heads).")]
+Seed = Annotated[int, typer.Option(help="Random seed (data order, dropout, new heads).", min=0, max=MAX_SEED)]
 MaxSteps = Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: run the epochs).")]
-Accumulate = Annotated[int, typer.Option(help="Gradient accumulation steps.")]
-LoggingSteps = Annotated[int, typer.Option(help="Log the loss and each of its terms every N steps.")]
-SaveSteps = Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")]
+Accumulate = Annotated[int, typer.Option(help="Gradient accumulation steps.", min=1)]
+LoggingSteps = Annotated[int, typer.Option(help="Log the loss and each of its terms every N steps.", min=1)]
+SaveSteps = Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.", min=1)]
+Temperature = Annotated[float, typer.Option(help="Soft-target temperature for --kd vanilla.", callback=above_zero)]
+LearningRate = Annotated[float, typer.Option(help="Peak learning rate (linear decay).", callback=above_zero)]
 
 
 def _alphas(text: str | None, kd: str, finetune: bool) -> dict[str, float]:
@@ -48,9 +51,20 @@ def _training_options(precision: str, seed: int, **options: Any) -> dict[str, An
     return {"seed": seed, **PRECISIONS[precision], **options}
 
 
+def _fits_context(model, option: str, length: int) -> None:
+    """Refuse a sequence length beyond the model's context (its position embeddings end there)."""
+    if length > model.config.n_positions:
+        raise KninferError(f"{option} {length} exceeds the model's context of {model.config.n_positions}")
+
+
+def _is_classifier(model) -> bool:
+    """Whether `model` is a sequence classifier (`kninfer finetune` output), not a causal LM."""
+    return any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
+
+
 def _fit_and_save(model, dataset, out: Path, tokenizer, checkpoints: Path | None, overwrite: bool,
                   **fit_options: Any) -> None:
-    """Train, then save to `out`; after Ctrl-C, say where the checkpoint is and exit 130 without writing `out`."""
+    """Train, then save to `out`; after Ctrl-C or SIGTERM, say where the checkpoint is and exit 130 (no `out`)."""
     from kninfer.modeling.io import check_output, save
     from kninfer.train.trainer import fit
 
@@ -66,9 +80,7 @@ def _fit_and_save(model, dataset, out: Path, tokenizer, checkpoints: Path | None
 
 
 def _write_json(payload: dict[str, Any], out: Path) -> None:
-    from kninfer.atomic import write_text
-
-    write_text(out, json.dumps(payload, indent=1) + "\n")
+    write_output(out, json.dumps(payload, indent=1) + "\n")
 
 
 def distill(
@@ -79,13 +91,14 @@ def distill(
     teacher: Annotated[str | None, typer.Option(help="The dense teacher (hub name, dir or .pt).")] = None,
     kd: Annotated[str, typer.Option(help=KD_HELP)] = "ilkd",
     alphas: Annotated[str | None, typer.Option(help=ALPHAS_HELP)] = None,
-    temperature: Annotated[float, typer.Option(help="Soft-target temperature for --kd vanilla.")] = 2.0,
-    block_size: Annotated[int, typer.Option(help="Tokens per training block.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Blocks per device per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay).")] = 1e-4,
-    epochs: Annotated[float, typer.Option(help="Passes over the data (when --max-steps is -1).")] = 1.0,
+    temperature: Temperature = 2.0,
+    block_size: Annotated[int, typer.Option(help="Tokens per training block.", min=2)] = 256,
+    batch_size: Annotated[int, typer.Option(help="Blocks per device per step.", min=1)] = 8,
+    lr: LearningRate = 1e-4,
+    epochs: Annotated[float, typer.Option(help="Passes over the data (when --max-steps is -1).",
+                                          callback=above_zero)] = 1.0,
     max_steps: MaxSteps = -1,
-    max_samples: Annotated[int | None, typer.Option(help="Use at most this many blocks.")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Use at most this many blocks.", min=1)] = None,
     fraction: Annotated[float | None, typer.Option(help="Use this fraction of the text rows (paper: 0.1).")] = None,
     grad_accum: Accumulate = 1,
     logging_steps: LoggingSteps = 10,
@@ -113,8 +126,7 @@ def distill(
     tokenizer = tokenizer or teacher_tokenizer
     if tokenizer is None:
         raise KninferError("neither the student nor the teacher has a tokenizer saved with it")
-    if block_size > model.config.n_positions:
-        raise KninferError(f"--block-size {block_size} exceeds the model's context of {model.config.n_positions}")
+    _fits_context(model, "--block-size", block_size)
     blocks = lm_blocks(load_lm_text(data, "train"), tokenizer, block_size, max_samples, fraction)
     console.print(f"{len(blocks):,} blocks of {block_size} tokens; kd={kd} alphas={weights}")
     _fit_and_save(model, blocks, out, tokenizer, checkpoints, overwrite,
@@ -132,13 +144,14 @@ def finetune(
     teacher: Annotated[str | None, typer.Option(help="A classifier already fine-tuned on this task.")] = None,
     kd: Annotated[str | None, typer.Option(help=KD_HELP + " Default: ilkd with --teacher, else none.")] = None,
     alphas: Annotated[str | None, typer.Option(help=ALPHAS_HELP)] = None,
-    temperature: Annotated[float, typer.Option(help="Soft-target temperature for --kd vanilla.")] = 2.0,
-    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay).")] = 5e-5,
-    epochs: Annotated[float, typer.Option(help="Passes over the training split (when --max-steps is -1).")] = 3.0,
+    temperature: Temperature = 2.0,
+    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.", min=1)] = 128,
+    batch_size: Annotated[int, typer.Option(help="Examples per device per step.", min=1)] = 32,
+    lr: LearningRate = 5e-5,
+    epochs: Annotated[float, typer.Option(help="Passes over the training split (when --max-steps is -1).",
+                                          callback=above_zero)] = 3.0,
     max_steps: MaxSteps = -1,
-    max_samples: Annotated[int | None, typer.Option(help="Train on the first N rows only.")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Train on the first N rows only.", min=1)] = None,
     grad_accum: Accumulate = 1,
     logging_steps: LoggingSteps = 10,
     save_steps: SaveSteps = 500,
@@ -169,6 +182,7 @@ def finetune(
     dense, tokenizer = load(model)
     if tokenizer is None:
         raise KninferError(f"'{model}' has no tokenizer saved with it")
+    _fits_context(dense, "--max-length", max_length)
     tokenizer = with_pad_token(tokenizer)
     torch.manual_seed(seed)  # the new classification head
     classifier = as_classifier(dense, glue_task, tokenizer.pad_token_id, max_length)
@@ -188,8 +202,7 @@ def _task_classifier(source: str, task) -> tuple[Any, Any]:
 
     model, tokenizer = load(source)
     architectures = model.config.architectures or []
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-    if not is_classifier or model.config.num_labels != task.num_labels:
+    if not _is_classifier(model) or model.config.num_labels != task.num_labels:
         raise KninferError(f"'{source}' is not a {task.name} classifier ({', '.join(architectures) or 'unknown'}): "
                            f"fine-tune it first with `kninfer finetune --model ... --task {task.name}`")
     return model, tokenizer
@@ -223,13 +236,19 @@ def eval_lm(
     from kninfer.train.data import load_lm_text
     from kninfer.train.eval_lm import perplexity
 
+    if out is not None:
+        check_output_file(out)
     lm, tokenizer = load(model)
+    if _is_classifier(lm):
+        raise KninferError(f"'{model}' is a sequence classifier, not a causal LM: eval-lm scores language models "
+                           "(score a classifier with eval-glue)")
     if tokenizer is None:
         raise KninferError(f"'{model}' has no tokenizer saved with it")
-    block_size = block_size or lm.config.n_positions
-    stride = stride or max(1, block_size // 2)
-    if not 0 < stride <= block_size <= lm.config.n_positions:
-        raise KninferError(f"need 0 < --stride ({stride}) <= --block-size ({block_size}) <= {lm.config.n_positions}")
+    block_size = lm.config.n_positions if block_size is None else block_size
+    stride = max(1, block_size // 2) if stride is None else stride
+    if not (2 <= block_size <= lm.config.n_positions and 0 < stride <= block_size):
+        raise KninferError(f"--block-size {block_size}, --stride {stride}: expected 2 <= block size <= the context "
+                           f"({lm.config.n_positions}) and 1 <= stride <= block size")
     rows = load_lm_text(data, split)
     ids = torch.tensor(tokenizer("\n\n".join(rows["text"]), verbose=False)["input_ids"])
     if ids.numel() < 2:
@@ -249,19 +268,23 @@ def eval_glue(
     data_dir: Annotated[str | None, typer.Option(help="GLUE folder in the original layout; default: the hub.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens (default: the length "
-                                                         "the classifier was fine-tuned on, else 128).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
+                                                         "the classifier was fine-tuned on, else 128).",
+                                                    min=1)] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.", min=1)] = 32,
 ) -> None:
     """Score a fine-tuned classifier on a GLUE task's dev split(s) (MNLI: matched and mismatched)."""
     from kninfer.tasks import get_task
 
     glue_task = get_task(task)
+    if out is not None:
+        check_output_file(out)
     from kninfer.train.glue import evaluate, with_pad_token
 
     classifier, tokenizer = _task_classifier(model, glue_task)
     if tokenizer is None:
         raise KninferError(f"'{model}' has no tokenizer saved with it")
     max_length = max_length or getattr(classifier.config, "max_input_length", None) or 128
+    _fits_context(classifier, "--max-length", max_length)
     metrics = evaluate(classifier, glue_task, with_pad_token(tokenizer), data_dir, max_length, batch_size)
     _report_glue(glue_task.name, model, metrics, out)
 

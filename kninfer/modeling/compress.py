@@ -11,7 +11,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kninfer.errors import KninferError
-from kninfer.kron import INITS, KroneckerEmbedding, KroneckerLinear
+from kninfer.kron import INITS, KroneckerEmbedding, KroneckerLinear, check_positive
 from kninfer.modeling.configuration_kngpt2 import KnGPT2Config
 from kninfer.modeling.gpt2 import SplitQKV, dense_weight, weight_shapes
 from kninfer.modeling.modeling_kngpt2 import KnGPT2LMHeadModel
@@ -37,6 +37,9 @@ def compress(
     """A student built from `teacher` by `preset` (a name in PRESETS or a JSON spec file)."""
     if type(teacher).__name__ != "GPT2LMHeadModel":
         raise KninferError(f"the teacher must be a dense GPT-2 causal LM, got {type(teacher).__name__}")
+    check_positive(rank=rank)
+    if target_params is not None:
+        check_positive(target_params=target_params)
     config: GPT2Config = teacher.config
     if preset == "distil":
         return drop_layers(teacher)

@@ -1,4 +1,6 @@
-"""The GPT-2 adapter: where Conv1D's (in, out) layout and the fused c_attn live, and nowhere else."""
+"""The GPT-2 adapter of the torch side: factorable paths, dense weights read from Conv1D's (in, out) layout, and
+GPT-2's fused c_attn split into q, k, v. Export has its own GPT-2 edge (export/lean.py, export/dense.py); see
+docs/architecture.md, "The Kronecker convention"."""
 
 from __future__ import annotations
 

@@ -3,42 +3,61 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import model_info
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import cached_file
 
 import kninfer.modeling  # noqa: F401  (registers kngpt2 with the Auto classes)
 from kninfer.atomic import atomic_path, check_folder_output
 from kninfer.errors import KninferError
 
 PT_FORMAT = "kninfer"
+FILE_SUFFIXES = (".pt", ".safetensors", ".json", ".onnx", ".bin")  # names with these are paths, never hub models
+NOT_CHECKPOINTS = {
+    ".onnx": "is an ONNX graph: pass a checkpoint, or use `kninfer generate` for bundles",
+    ".safetensors": "is a bare weights file: pass the Hugging Face directory that holds it and its config.json",
+}
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+NULLABLE_SUFFIX = "_token_id"  # token ids default to GPT-2's but may be null
+NULL_DEFAULT_TYPES = {"architectures": list, "n_inner": int, "dtype": str, "torch_dtype": str}  # null, or of this type
+HUB_TIMEOUT_S = 10
 
 
 def load(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | None]:
     """The model and its tokenizer (None when the source has none) from a `.pt`, a directory or a hub name."""
-    path = Path(source)
-    if path.suffix == ".pt" or path.is_file():
-        return _load_pt(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise KninferError(f"'{path}' is a directory without config.json: not a Hugging Face checkpoint")
-        return _from_pretrained(str(path))
-    try:
-        return _from_pretrained(str(source))
-    except OSError as error:
-        raise KninferError(
-            f"cannot load '{source}': no such file or directory, and not a reachable hub model ({error})"
-        ) from None
+    if Path(source).is_file():
+        return _load_pt(Path(source))
+    name, local_only = _locate(str(source))
+    return _from_pretrained(name, local_only), _pretrained_tokenizer(name, local_only)
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerFast | None:
+    """The tokenizer of a Hugging Face directory or hub name, found as `load` finds models; None when it has none."""
+    return _pretrained_tokenizer(*_locate(str(source)))
 
 
 def save(model: PreTrainedModel, out: str | Path, tokenizer: PreTrainedTokenizerFast | None = None, *,
@@ -89,51 +108,255 @@ def _is_checkpoint_file(path: Path) -> bool:
     return isinstance(payload, dict) and payload.get("format") == PT_FORMAT
 
 
-def model_class(config: Any) -> type:
-    """The Auto class that builds a model with this config's architecture (causal LM or classifier)."""
+def model_class(config: Any) -> type[PreTrainedModel]:
+    """The class that builds a model with this config's architecture (causal LM or classifier)."""
     architectures = getattr(config, "architectures", None) or []
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
-        return AutoModelForSequenceClassification
-    return AutoModelForCausalLM
-
-
-def _from_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | None]:
-    config = AutoConfig.from_pretrained(name)
-    model = model_class(config).from_pretrained(name, config=config)
+    classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+    mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if classifier else MODEL_FOR_CAUSAL_LM_MAPPING
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.eval(), tokenizer
+        return mapping[type(config)]
+    except KeyError:
+        kind = "sequence classifier" if classifier else "causal language model"
+        raise KninferError(f"transformers has no {kind} for model_type '{config.model_type}'") from None
+
+
+def _locate(name: str) -> tuple[str, bool]:
+    """`name` as from_pretrained takes it, and whether only local files may be read (a directory, or no hub)."""
+    if Path(name).is_dir():
+        return name, True
+    if _looks_local(name):
+        raise KninferError(f"'{name}': no such file or directory")
+    reason = _hub_unavailable(name)
+    if reason is None:
+        return name, False
+    with _quiet_libraries():
+        cached = cached_file(name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False)
+    if cached is None:
+        raise KninferError(f"cannot load '{name}': no such file or directory, not in the hub cache, and {reason}")
+    return name, True
+
+
+def _looks_local(name: str) -> bool:
+    """Whether `name` can only be a path: a file suffix, or not a valid hub id (`./x`, `/x`, `x/`, `a/b/c`)."""
+    if name.endswith(FILE_SUFFIXES):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _hub_unavailable(name: str) -> str | None:
+    """Why the hub cannot be asked for `name` (offline mode, no network), or None; raises if it has no such model."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:  # one request: from_pretrained would retry an unreachable hub for 20 s, logging every attempt
+        model_info(name, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise KninferError(f"'{name}': no such file or directory, and no such model on the Hugging Face hub") from None
+    except HfHubHTTPError as error:
+        return f"the Hugging Face hub failed ({_first_line(error)})"
+    except OSError:  # no network, a timeout or offline mode: requests' errors and huggingface_hub's are OSErrors
+        return "the Hugging Face hub is unreachable (no network?)"
+    return None
+
+
+def _from_pretrained(name: str, local_only: bool) -> PreTrainedModel:
+    """The model of a Hugging Face directory or hub name, from safetensors weights only."""
+    if Path(name).is_dir():
+        _check_directory(Path(name))
+    try:
+        with _quiet_libraries():
+            config_file = cached_file(name, "config.json", local_files_only=local_only)
+    except OSError as error:
+        raise KninferError(f"'{name}': cannot read its config.json: {_first_line(error)}") from None
+    try:
+        config_dict = json.loads(Path(config_file).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise KninferError(f"'{name}': config.json is not valid JSON: {error}") from None
+    weights = {"pretrained_model_name_or_path": name, "use_safetensors": True, "local_files_only": local_only}
+    return _build_model(name, _config(config_dict, name), weights)
+
+
+def _check_directory(path: Path) -> None:
+    """Raise unless `path` holds a config.json and safetensors weights (pickled weights are refused)."""
+    if not (path / "config.json").is_file():
+        raise KninferError(f"'{path}' is a directory without config.json: not a Hugging Face checkpoint")
+    if any((path / name).is_file() for name in SAFE_WEIGHTS):
+        return
+    if any((path / name).is_file() for name in PICKLED_WEIGHTS):
+        raise KninferError(
+            f"'{path}' holds pickled weights (pytorch_model.bin), refused: unpickling could run code; "
+            "convert them to model.safetensors where you trust them"
+        )
+    raise KninferError(f"'{path}' holds no weights: no model.safetensors beside its config.json")
+
+
+def _config(config_dict: Any, source: str) -> PretrainedConfig:
+    """The config `config_dict` describes, refused when transformers would need the checkpoint's own code."""
+    if not isinstance(config_dict, dict):
+        raise KninferError(f"'{source}': the config is not a JSON object")
+    if "auto_map" in config_dict:
+        raise KninferError(f"'{source}' is refused: its config asks to run the checkpoint's own code (auto_map)")
+    model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str):
+        raise KninferError(f"'{source}': the config has no model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise KninferError(
+            f"'{source}' is refused: transformers does not know model_type '{model_type}', "
+            "and kninfer never runs a checkpoint's own code"
+        )
+    config_class = CONFIG_MAPPING[model_type]
+    _check_field_types(config_dict, config_class().to_dict(), source)
+    try:
+        return config_class.from_dict(config_dict)
+    except KninferError as error:
+        raise KninferError(f"'{source}': {error}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # what a config's __init__ raises on bad values
+        raise KninferError(f"'{source}': invalid config: {_first_line(error)}") from None
+
+
+def _check_field_types(config_dict: dict[str, Any], defaults: dict[str, Any], source: str) -> None:
+    """Raise unless every field keeps the JSON type of its default (fields without one are not checked)."""
+    for key, value in config_dict.items():
+        default = defaults.get(key)
+        expected = type(default) if default is not None else NULL_DEFAULT_TYPES.get(key)
+        nullable = default is None or key.endswith(NULLABLE_SUFFIX)
+        if expected is None or (value is None and nullable) or _same_json_type(value, expected):
+            continue
+        wanted = f"{expected.__name__} or null" if nullable else expected.__name__
+        raise KninferError(f"'{source}': config field \"{key}\" must be {wanted}, got {value!r:.60}")
+
+
+def _same_json_type(value: Any, expected: type) -> bool:
+    """Whether `value` has the JSON type of `expected`: bool, int, float (ints too), str, list or dict."""
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _build_model(source: str, config: PretrainedConfig, weights: dict[str, Any]) -> PreTrainedModel:
+    """The model `config` describes with `weights` (from_pretrained's arguments), every key accounted for."""
+    try:
+        with _quiet_libraries():
+            model, info = model_class(config).from_pretrained(
+                config=config, output_loading_info=True, ignore_mismatched_sizes=True, **weights
+            )
+    except KninferError as error:
+        raise KninferError(f"'{source}': {error}") from None
+    except SafetensorError as error:
+        raise KninferError(f"'{source}': its weights file is corrupt: {_first_line(error)}") from None
+    except OSError as error:
+        raise KninferError(f"'{source}': cannot read its weights: {_first_line(error)}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, ZeroDivisionError) as error:
+        # a config transformers accepts can still fail to build a model: an unknown activation, a negative width,
+        # heads that do not divide it; the modules raise whatever their arithmetic does
+        detail = f"{type(error).__name__}: {_first_line(error)}"
+        raise KninferError(f"'{source}': cannot build a model from its config ({detail})") from None
+    _check_loading_info(source, info)
+    return model.eval()
+
+
+def _check_loading_info(source: str, info: dict[str, list]) -> None:
+    """Raise when a weight is missing, unexpected or of the wrong shape: transformers only warns and initialises it."""
+    kinds = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "of the wrong shape"}
+    problems = [_listed(kind, info[key]) for key, kind in kinds.items() if info[key]]
+    if problems:
+        raise KninferError(f"'{source}': its weights do not match its config: {'; '.join(problems)}")
+
+
+def _listed(kind: str, keys: list) -> str:
+    """'5 missing (a, b, c, ...)': the count and the first three names."""
+    shown = ", ".join(str(key) for key in keys[:3])
+    return f"{len(keys)} {kind} ({shown}{', ...' if len(keys) > 3 else ''})"
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence transformers' and huggingface_hub's warnings (hub retries, weights 'newly initialized'): we raise."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _pretrained_tokenizer(name: str, local_only: bool) -> PreTrainedTokenizerFast | None:
+    """The tokenizer beside a model (None when it has no tokenizer files); unreadable files are an error."""
+    try:
+        with _quiet_libraries():
+            if not any(cached_file(name, file, local_files_only=local_only, _raise_exceptions_for_missing_entries=False)
+                       for file in TOKENIZER_FILES):
+                return None
+            return AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=False)
+    except Exception as error:  # tokenizers raises bare Exception for a corrupt file, transformers many types
+        raise KninferError(f"'{name}': its tokenizer files are unreadable: {_first_line(error)}") from None
 
 
 def _load_pt(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | None]:
-    if not path.is_file():
-        raise KninferError(f"'{path}': no such file")
+    """The model and tokenizer of a kninfer `.pt`."""
+    payload = _read_pt(path)
+    config = _config(_entry(payload, "config", dict, path), str(path))
+    state = _entry(payload, "state_dict", dict, path)
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise KninferError(f"'{path}': its \"state_dict\" must map names to tensors")
+    model = _build_model(str(path), config, {"pretrained_model_name_or_path": None, "state_dict": state})
+    tokenizer = _tokenizer_from_payload(payload["tokenizer"], path) if "tokenizer" in payload else None
+    return model, tokenizer
+
+
+def _read_pt(path: Path) -> dict[str, Any]:
+    """The payload of a kninfer `.pt`, read with torch's weights-only unpickler after checking the archive."""
+    if path.suffix in NOT_CHECKPOINTS:
+        raise KninferError(f"'{path}' {NOT_CHECKPOINTS[path.suffix]}")
+    if not zipfile.is_zipfile(path):
+        raise KninferError(f"'{path}' is not a kninfer checkpoint (.pt): not a torch archive")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         raise KninferError(
             f"'{path}' is refused: it holds pickled objects beyond tensors and plain data, "
-            f"which could run code ({_first_line(error)})"
+            f"which could run code ({refused.group(1) if refused else _first_line(error)})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError) as error:
         raise KninferError(f"'{path}' is not a readable checkpoint: {_first_line(error)}") from None
     if not isinstance(payload, dict) or payload.get("format") != PT_FORMAT:
         raise KninferError(f"'{path}' is not a kninfer checkpoint (no \"format\": \"{PT_FORMAT}\" entry)")
-    config_dict = dict(payload["config"])
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model = model_class(config).from_config(config)
+    return payload
+
+
+def _check_archive(path: Path) -> None:
+    """Raise unless every entry of the zip archive at `path` matches its CRC: torch.load checks none."""
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise KninferError(f"'{path}': weights do not match its config: {_first_line(error)}") from None
-    tokenizer = _tokenizer_from_payload(payload["tokenizer"]) if "tokenizer" in payload else None
-    return model.eval(), tokenizer
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
+        # zipfile reports a damaged directory or header with any of these
+        raise KninferError(f"'{path}' is a damaged archive: {_first_line(error)}") from None
+    if damaged is not None:
+        raise KninferError(f"'{path}' is damaged: its entry '{damaged}' fails its checksum")
+
+
+def _entry(payload: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    """payload[key], which must be a `kind`."""
+    if not isinstance(payload.get(key), kind):
+        raise KninferError(f"'{path}' is not a complete kninfer checkpoint: no \"{key}\" {kind.__name__}")
+    return payload[key]
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The first sentence of the error's message (torch and transformers append paragraphs of advice)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.split(r"\.\s", line, maxsplit=1)[0]
 
 
 def _tokenizer_payload(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:
@@ -141,9 +364,12 @@ def _tokenizer_payload(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:
     return {"tokenizer_json": tokenizer.backend_tokenizer.to_str(), "special_tokens": json.dumps(specials)}
 
 
-def _tokenizer_from_payload(payload: dict[str, str]) -> PreTrainedTokenizerFast:
+def _tokenizer_from_payload(payload: Any, path: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer a `.pt` carries (see `_tokenizer_payload`)."""
     from tokenizers import Tokenizer
 
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(payload["tokenizer_json"]), **json.loads(payload["special_tokens"])
-    )
+    try:
+        specials = json.loads(payload["special_tokens"])
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(payload["tokenizer_json"]), **specials)
+    except Exception as error:  # tokenizers raises bare Exception for a corrupt JSON, the rest many types
+        raise KninferError(f"'{path}': its tokenizer is unreadable: {_first_line(error)}") from None

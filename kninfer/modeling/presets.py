@@ -10,7 +10,8 @@ from typing import Any
 from transformers import GPT2Config
 
 from kninfer.errors import KninferError
-from kninfer.kron import check_divides, factor_shapes
+from kninfer.kron import check_divides, check_positive, factor_shapes
+from kninfer.modeling.configuration_kngpt2 import FACTORS
 from kninfer.modeling.gpt2 import EMBEDDING, weight_shapes
 
 PRESETS = ("kngpt2", "krony-pt", "distil")
@@ -58,7 +59,7 @@ def resolve_spec(spec: dict[str, Any], config: GPT2Config) -> dict[str, Any]:
             raise KninferError(f"spec pattern '{pattern}' matches no factorable module")
         for path in matched:
             modules[path] = _full_factors(path, shapes[path], entry)
-    return {"modules": modules, "tie_head": bool(spec.get("tie_head", False))}
+    return {"modules": modules, "tie_head": spec.get("tie_head", False)}  # KnGPT2Config checks it is a bool
 
 
 def load_spec_file(path: str | Path, config: GPT2Config) -> dict[str, Any]:
@@ -72,22 +73,23 @@ def load_spec_file(path: str | Path, config: GPT2Config) -> dict[str, Any]:
     return resolve_spec(spec, config)
 
 
-def _full_factors(path: str, shape: tuple[int, int], entry: dict[str, int]) -> dict[str, int]:
+def _full_factors(path: str, shape: tuple[int, int], entry: Any) -> dict[str, int]:
     out_features, in_features = shape
+    if not isinstance(entry, dict) or not ({"m2", "n2"} <= entry.keys() or {"m1", "n1"} <= entry.keys()):
+        raise KninferError(f"'{path}': a spec entry needs m2 and n2 (or m1 and n1), got {entry!r}")
+    factors = {key: entry[key] for key in FACTORS if key in entry}
     try:
-        if "m2" in entry:
-            m2, n2 = entry["m2"], entry["n2"]
-            m1, n1 = entry.get("m1", out_features // m2), entry.get("n1", in_features // n2)
+        check_positive(**factors)
+        if {"m2", "n2"} <= factors.keys():
+            factors.setdefault("m1", out_features // factors["m2"])
+            factors.setdefault("n1", in_features // factors["n2"])
         else:
-            m1, n1 = entry["m1"], entry["n1"]
-            m2, n2 = out_features // m1, in_features // n1
-    except (KeyError, TypeError, ZeroDivisionError):
-        raise KninferError(f"'{path}': a spec entry needs m2 and n2 (or m1 and n1), got {entry}") from None
-    try:
-        check_divides(out_features, in_features, m1, n1, m2, n2)
+            factors.setdefault("m2", out_features // factors["m1"])
+            factors.setdefault("n2", in_features // factors["n1"])
+        check_divides(out_features, in_features, *(factors[key] for key in FACTORS[:4]))
     except KninferError as error:
         raise KninferError(f"'{path}': {error}") from None
-    return {"m1": m1, "n1": n1, "m2": m2, "n2": n2, "rank": int(entry.get("rank", 1))}
+    return {key: factors.get(key, 1) for key in FACTORS}
 
 
 def _dense_params(config: GPT2Config) -> int:
