@@ -26,7 +26,7 @@ import onnx
 import torch
 from transformers import PreTrainedModel
 
-from kninfer.atomic import _umask_permissions
+from kninfer.atomic import umask_permissions
 from kninfer.bundle import (
     FILE_FIELDS,
     HASH_FIELDS,
@@ -236,7 +236,7 @@ def _publish(graph_path: Path, entry: dict[str, Any], work: Path, out: Path, tok
     entry["onnx_sha256"] = file_sha256(work / out.name)
     described = {**models, out.name: entry}
     (work / METADATA_FILE).write_text(describe_models(described), encoding="utf-8")
-    _umask_permissions(work)  # tempfile and onnx write some files 0600; a bundle's files get plain open()'s modes
+    umask_permissions(work)  # tempfile and onnx write some files 0600; a bundle's files get plain open()'s modes
     for name in [*staged, METADATA_FILE]:  # kninfer.json last: the commit
         os.replace(work / name, out.parent / name)
     _remove_stale(out, models.get(out.name), described)

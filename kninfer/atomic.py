@@ -45,7 +45,7 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, *, kind: str
     tmp = Path(name)
     try:
         yield tmp
-        _umask_permissions(tmp)
+        umask_permissions(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,7 +82,7 @@ def _atomic_folder(target: Path, kind: str, overwrite: bool) -> Iterator[Path]:
         yield tmp
         written = _files(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "files": written}, indent=1) + "\n")
-        _umask_permissions(tmp)
+        umask_permissions(tmp)
         for name in foreign:
             if not (tmp / name).exists():
                 _carry(target / name, tmp / name)
@@ -193,7 +193,7 @@ def _mkdir(folder: Path) -> None:
         raise KninferError(f"cannot create '{folder}': {error.strerror}") from None
 
 
-def _umask_permissions(path: Path) -> None:
+def umask_permissions(path: Path) -> None:
     """Give `path` (and a folder's files) the modes plain open()/mkdir() would: temp names are private (0600)."""
     umask = os.umask(0)
     os.umask(umask)

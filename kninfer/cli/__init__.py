@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -23,6 +23,8 @@ app = typer.Typer(
     add_completion=False,
 )
 MAX_SEED = 2**32 - 1  # numpy's seeds (Trainer seeds numpy, torch and random with the same number)
+OverwriteOption = Annotated[bool, typer.Option(help="Write into an existing folder kninfer did not write (its "
+                                                    "other files are kept), or replace such a file.")]
 TRAINING_MODULES = {"torch", "transformers", "datasets", "onnx", "optimum", "accelerate", "safetensors", "scipy"}
 
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kninfer.cli.output import OverwriteOption, console
+from kninfer.cli import MAX_SEED, OverwriteOption, above_zero
+from kninfer.cli.output import console
 
 
 def demo(
@@ -16,15 +17,15 @@ def demo(
                                                      "default: the embedded SOTU teacher.")] = None,
     data: Annotated[str | None, typer.Option(help="Distillation text (file, folder or hub dataset); default: "
                                                   "text sampled from the teacher (data-free).")] = None,
-    steps: Annotated[int, typer.Option(help="ILKD distillation steps.")] = 300,
-    block_size: Annotated[int, typer.Option(help="Tokens per training block.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    steps: Annotated[int, typer.Option(help="ILKD distillation steps.", min=1)] = 300,
+    block_size: Annotated[int, typer.Option(help="Tokens per training block.", min=2)] = 128,
+    batch_size: Annotated[int, typer.Option(help="Blocks per step.", min=1)] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=above_zero)] = 1e-3,
     prompt: Annotated[str, typer.Option(help="Prompt for the generation at the end.")] =
         "The state of the Union is",
     eval_text: Annotated[Path | None, typer.Option(help="Held-out text for perplexity; default: the embedded "
                                                         "held-out SOTU address.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=MAX_SEED)] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Compress the teacher (kngpt2, tied head), distil it with ILKD, export both to ONNX, generate, compare."""

@@ -32,6 +32,8 @@ def export(
                                               "fail above 1e-4.")] = True,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer to bundle: a directory or a tokenizer.json "
                                                         "(default: the model's own).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a .onnx or kninfer.json in the folder that kninfer.json "
+                                                 "does not list (files kninfer did not write).")] = False,
 ) -> None:
     """Export a model to ONNX with its Kronecker layers kept factored, and write the bundle beside it."""
     from kninfer.export import export_bundle
@@ -55,7 +57,8 @@ def export(
     variant = "dense" if dense else "int8" if int8 else "fp32"
     with console.status(f"exporting {model} ({task}, {variant})"):
         report = export_bundle(loaded, out, task=task, variant=variant, opset=opset,
-                               tokenizer_json=tokenizer_json, verify=verify, sample_ids=sample)
+                               tokenizer_json=tokenizer_json, verify=verify, sample_ids=sample,
+                               overwrite=overwrite)
     console.print(f"wrote {report.onnx_path}: {report.bytes / 1e6:.1f} MB, {report.nodes:,} nodes, "
                   f"{report.kronecker_layers} Kronecker layers")
     if report.verification is None:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kninfer.cli.output import OverwriteOption, console, print_layers
+from kninfer.cli import OverwriteOption
+from kninfer.cli.output import console, print_layers
 
 
 def compress(

@@ -1,18 +1,15 @@
-"""What the CLI commands share: one rich console, the --overwrite option, the per-layer table."""
+"""Shared console output for the CLI: one rich console, the per-layer table."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes keep whole rows
-OverwriteOption = Annotated[bool, typer.Option(help="Write into an existing folder kninfer did not write (its "
-                                                    "other files are kept), or replace such a file.")]
 
 
 def print_layers(rows: Sequence[Any], teacher_params: int | None, params: int, params_without_head: int) -> None:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kninfer.cli import MAX_SEED, above_zero
-from kninfer.cli.output import OverwriteOption, console
+from kninfer.cli import MAX_SEED, OverwriteOption, above_zero
+from kninfer.cli.output import console
 
 
 def pretrain(

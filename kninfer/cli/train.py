@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kninfer.cli import MAX_SEED, above_zero, check_output_file, write_output
-from kninfer.cli.output import OverwriteOption, console
+from kninfer.cli import MAX_SEED, OverwriteOption, above_zero, check_output_file, write_output
+from kninfer.cli.output import console
 from kninfer.errors import KninferError
 
 KD_HELP = "ilkd (paper: embedding, attention, hidden states, CE), vanilla (soft targets + CE) or none (CE only)."
