@@ -26,8 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
-from kninfer.bundle import read_bundle
 from kninfer.errors import KninferError
+from kninfer.runtime.bundle import read_bundle
 
 HERE = Path(__file__).resolve().parent
 RSS_ALLOWANCE = 150e6  # target: peak RSS of a Kronecker variant <= its weight bytes + 150 MB

@@ -51,8 +51,8 @@ class OrtModel:
     """A causal-LM bundle behind the three calls the benchmark makes."""
 
     def __init__(self, path: str, threads: int, low_memory: bool = False) -> None:
-        from kninfer.bundle import read_bundle
-        from kninfer.session import CausalLM
+        from kninfer.runtime.bundle import read_bundle
+        from kninfer.runtime.session import CausalLM
 
         self.lm = CausalLM(read_bundle(path), threads=threads, low_memory=low_memory)
         self.vocab = self.lm.bundle.meta.get("vocab_size", 50257)
@@ -60,7 +60,7 @@ class OrtModel:
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
         """Last-position logits and the cache after the prompt `ids`."""
-        from kninfer.generate import position_ids
+        from kninfer.runtime.generate import position_ids
 
         mask = np.ones_like(ids)
         logits, cache = self.lm.forward(ids, mask, position_ids(mask, ids.shape[1]), self.lm.empty_cache(len(ids)))
@@ -170,9 +170,9 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def perplexity(spec: dict[str, Any]) -> dict[str, Any]:
-    """kninfer.perplexity on the first `max_tokens` tokens of a text file."""
-    from kninfer.perplexity import perplexity as bundle_perplexity
-    from kninfer.tokenizer import encode, load_tokenizer
+    """kninfer.runtime.perplexity on the first `max_tokens` tokens of a text file."""
+    from kninfer.runtime.perplexity import perplexity as bundle_perplexity
+    from kninfer.runtime.tokenizer import encode, load_tokenizer
 
     model = OrtModel(spec["path"], spec["threads"])
     with open(spec["text_file"], encoding="utf-8") as handle:

@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _task_list(text: str) -> list[str]:
-    from kninfer.tasks import get_task
+    from kninfer.runtime.tasks import get_task
 
     return [get_task(name).name for name in text.split(",") if name.strip()]
 
@@ -276,7 +276,7 @@ class Run:
         """A seeded random sample of `glue_rows` training rows (the files are ordered by genre and source) + dev."""
         import random
 
-        from kninfer.tasks import get_task
+        from kninfer.runtime.tasks import get_task
 
         folder = get_task(task).folder
         lines = (self.glue / folder / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -536,7 +536,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def check_data(data_dir: Path, tasks: list[str]) -> None:
     """Fail at once, with the path, when an input is missing."""
-    from kninfer.tasks import get_task
+    from kninfer.runtime.tasks import get_task
 
     needed = [data_dir / "sotu" / f"{split}.txt" for split in ("train", "valid", "test")]
     needed += [data_dir / "wikitext-2-raw" / "wiki.test.raw"]

@@ -13,10 +13,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kninfer.atomic import atomic_path
-from kninfer.bundle import describe_models, read_bundle
 from kninfer.export.bundle import bundle_metadata, export_bundle, quantize_bundle
 from kninfer.modeling.compress import compress
 from kninfer.modeling.io import save
+from kninfer.runtime.bundle import describe_models, read_bundle
 
 # (name, preset, tie_head): the order is the order of the tables
 STUDENTS = [("gpt2", None, False), ("kngpt2", "kngpt2", False), ("kngpt2-tied", "kngpt2", True),

@@ -27,7 +27,12 @@ import torch
 from transformers import PreTrainedModel
 
 from kninfer.atomic import umask_permissions
-from kninfer.bundle import (
+from kninfer.errors import KninferError
+from kninfer.export.dense import densify
+from kninfer.export.onnx_config import TASKS, export_onnx
+from kninfer.export.verify import Verification, check_graph, top1_agreement, verify_causal_lm, verify_classifier
+from kninfer.kron import KroneckerEmbedding, KroneckerLinear
+from kninfer.runtime.bundle import (
     FILE_FIELDS,
     HASH_FIELDS,
     METADATA_FILE,
@@ -37,11 +42,6 @@ from kninfer.bundle import (
     read_bundle,
     read_models,
 )
-from kninfer.errors import KninferError
-from kninfer.export.dense import densify
-from kninfer.export.onnx_config import TASKS, export_onnx
-from kninfer.export.verify import Verification, check_graph, top1_agreement, verify_causal_lm, verify_classifier
-from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 
 VARIANTS = ("fp32", "dense", "int8")
 

@@ -57,13 +57,13 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     from datasets import Dataset
     from transformers import default_data_collator
 
-    from kninfer.bundle import read_bundle
     from kninfer.export.bundle import export_bundle
-    from kninfer.generate import Sampling, generate
     from kninfer.modeling.compress import compress, count_parameters
     from kninfer.modeling.io import check_output, load, save
-    from kninfer.session import CausalLM
-    from kninfer.tokenizer import load_tokenizer
+    from kninfer.runtime.bundle import read_bundle
+    from kninfer.runtime.generate import Sampling, generate
+    from kninfer.runtime.session import CausalLM
+    from kninfer.runtime.tokenizer import load_tokenizer
     from kninfer.train.data import lm_blocks, load_lm_text
     from kninfer.train.eval_lm import perplexity
     from kninfer.train.trainer import fit

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kninfer.bundle import read_bundle
+from kninfer.runtime.bundle import read_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 LATENCY = REPO / "bench" / "latency.py"

@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_runtime import _cli, _edit_entry, _export
 
-from kninfer.bundle import FIELDS, KV_KEYS, external_data_locations, file_sha256, read_bundle
 from kninfer.errors import KninferError
 from kninfer.export.bundle import export_bundle, quantize_bundle
-from kninfer.session import CausalLM, Classifier
-from kninfer.tokenizer import load_tokenizer
+from kninfer.runtime.bundle import FIELDS, KV_KEYS, external_data_locations, file_sha256, read_bundle
+from kninfer.runtime.session import CausalLM, Classifier
+from kninfer.runtime.tokenizer import load_tokenizer
 
 IDS = np.array([[5, 17, 300, 2, 9000, 50256]], np.int64)
 TOL = 1e-4  # fp32 onnxruntime vs PyTorch, max |Δlogits|: the exporter's own verification bound
@@ -322,7 +322,8 @@ def test_external_data_outside_the_folder_is_refused_before_onnxruntime(where, f
     shutil.copy(folder / _entry(folder)["onnx_data_file"], outside)
     (folder / "inside.data").symlink_to(outside)
     _relocate(folder, {"parent": "../outside.data", "absolute": str(outside), "symlink": "inside.data"}[where])
-    monkeypatch.setattr("kninfer.session.ort.InferenceSession", lambda *_, **__: pytest.fail("onnxruntime opened it"))
+    monkeypatch.setattr("kninfer.runtime.session.ort.InferenceSession",
+                        lambda *_, **__: pytest.fail("onnxruntime opened it"))
     assert "outside the bundle folder" in _one_line_error(lambda: _run(folder))
 
 

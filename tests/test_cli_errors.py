@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from kninfer.bundle import read_bundle
-from kninfer.generate import Sampling, generate
-from kninfer.session import CausalLM
-from kninfer.tokenizer import encode, load_tokenizer
+from kninfer.runtime.bundle import read_bundle
+from kninfer.runtime.generate import Sampling, generate
+from kninfer.runtime.session import CausalLM
+from kninfer.runtime.tokenizer import encode, load_tokenizer
 
 DISTILL = ["distill", "--student", "s", "--data", "d.txt", "--out", "o"]
 FINETUNE = ["finetune", "--model", "m", "--task", "sst2", "--out", "o"]
@@ -194,7 +194,7 @@ def test_truncate_left_keeps_a_prompt_that_fits_and_stops_at_the_context(monkeyp
 
 def test_perplexity_when_the_last_window_holds_one_token(lm_bundle, tiny_teacher):
     """stride = window and a text of 2 windows + 1 token: the last window predicts nothing (was a crash)."""
-    from kninfer.perplexity import perplexity
+    from kninfer.runtime.perplexity import perplexity
     from kninfer.train.eval_lm import perplexity as torch_perplexity
 
     ids = np.random.default_rng(0).integers(0, 500, 2 * 32 + 1).tolist()

@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from kninfer.bundle import read_bundle
 from kninfer.demo import run_demo, sample_blocks
 from kninfer.modeling import KnGPT2LMHeadModel
 from kninfer.modeling.io import load
+from kninfer.runtime.bundle import read_bundle
 
 
 def test_sampled_blocks_come_from_the_teacher(tiny_teacher):

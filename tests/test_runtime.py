@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from kninfer.bundle import file_sha256, read_bundle
-from kninfer.classify import classify, predict
 from kninfer.errors import KninferError
-from kninfer.generate import Sampling, _Row, _stream, generate, next_tokens
-from kninfer.perplexity import perplexity
-from kninfer.session import CausalLM, Classifier
-from kninfer.tokenizer import decode, encode, load_tokenizer, pad
+from kninfer.runtime.bundle import file_sha256, read_bundle
+from kninfer.runtime.classify import classify, predict
+from kninfer.runtime.generate import Sampling, _Row, _stream, generate, next_tokens
+from kninfer.runtime.perplexity import perplexity
+from kninfer.runtime.session import CausalLM, Classifier
+from kninfer.runtime.tokenizer import decode, encode, load_tokenizer, pad
 
 PROMPTS = ["Hello, my name is", "The capital of France", "In 1905 Einstein published four papers on"]
 NEW_TOKENS = 8
@@ -324,7 +324,7 @@ def sst2_bundle(tmp_path_factory, sst2_classifier, gpt2_tokenizer) -> Path:
 
 def _torch_logits(model, tokenizer, inputs: list[tuple[str, ...]]) -> np.ndarray:
     """The torch classifier on a right-padded batch, built as fine-tuning builds its inputs."""
-    from kninfer.tasks import input_text
+    from kninfer.runtime.tasks import input_text
 
     tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays unpadded for other tests
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"
@@ -334,7 +334,7 @@ def _torch_logits(model, tokenizer, inputs: list[tuple[str, ...]]) -> np.ndarray
 
 
 def test_classify_matches_torch_classifier(sst2_classifier, sst2_bundle, gpt2_tokenizer, data_dir, tmp_path):
-    from kninfer.tasks import TASKS, read_glue_tsv
+    from kninfer.runtime.tasks import TASKS, read_glue_tsv
 
     model = Classifier(read_bundle(sst2_bundle), threads=1)
     tokenizer = load_tokenizer(model.bundle.tokenizer_path)

@@ -8,7 +8,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from kninfer.errors import KninferError
-from kninfer.tasks import TASKS, get_task, read_glue_tsv
+from kninfer.runtime.tasks import TASKS, get_task, read_glue_tsv
 
 rng = np.random.default_rng(0)
 BINARY = [(rng.integers(0, 2, 200), rng.integers(0, 2, 200)) for _ in range(3)]

@@ -142,7 +142,7 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_finetune_cli_on_sst2_slice(tiny_teacher_dir, data_dir, tmp_path):
     """`kninfer finetune` on 200 SST-2 rows writes a classifier and dev metrics that match a padding-free recount."""
     from kninfer.modeling.io import load
-    from kninfer.tasks import TASKS, input_text, read_glue_tsv
+    from kninfer.runtime.tasks import TASKS, input_text, read_glue_tsv
 
     out = tmp_path / "sst2"
     _cli("finetune", "--model", str(tiny_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir / "glue"),

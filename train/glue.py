@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedModel
 
 from kninfer.errors import KninferError
-from kninfer.tasks import GlueTask, input_text, read_glue_tsv
+from kninfer.runtime.tasks import GlueTask, input_text, read_glue_tsv
 
 HUB_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
               "dev_mismatched": "validation_mismatched"}

@@ -37,11 +37,11 @@ def generate(
                                                "'none': such a prompt is an error.")] = "none",
 ) -> None:
     """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
-    from kninfer.bundle import read_bundle
-    from kninfer.generate import Sampling
-    from kninfer.generate import generate as run_generation
-    from kninfer.session import CausalLM
-    from kninfer.tokenizer import load_tokenizer
+    from kninfer.runtime.bundle import read_bundle
+    from kninfer.runtime.generate import Sampling
+    from kninfer.runtime.generate import generate as run_generation
+    from kninfer.runtime.session import CausalLM
+    from kninfer.runtime.tokenizer import load_tokenizer
 
     if truncate not in ("none", "left"):
         raise KninferError(f"--truncate is {truncate!r}: expected 'none' or 'left'")
@@ -79,11 +79,11 @@ def classify(
     import numpy as np
     from rich.progress import Progress
 
-    from kninfer.bundle import read_bundle
-    from kninfer.classify import classify as run_classifier
-    from kninfer.classify import predict
-    from kninfer.session import Classifier
-    from kninfer.tokenizer import load_tokenizer
+    from kninfer.runtime.bundle import read_bundle
+    from kninfer.runtime.classify import classify as run_classifier
+    from kninfer.runtime.classify import predict
+    from kninfer.runtime.session import Classifier
+    from kninfer.runtime.tokenizer import load_tokenizer
 
     if (file is None) == (not text):
         raise KninferError("give either --text (with --pair for pairs) or --file, not both and not neither")
@@ -96,7 +96,7 @@ def classify(
     tokenizer = load_tokenizer(info.tokenizer_path)
     gold = glue = None
     if file is not None:
-        from kninfer.tasks import get_task, read_glue_tsv
+        from kninfer.runtime.tasks import get_task, read_glue_tsv
 
         if not (task or info.glue_task):
             raise KninferError(f"'{info.directory}' names no glue_task: pass --task to read '{file}'")
@@ -140,10 +140,10 @@ def eval_(
     """Sliding-window perplexity of a causal-LM bundle on a text file."""
     from rich.progress import Progress
 
-    from kninfer.bundle import read_bundle
-    from kninfer.perplexity import lm_text, perplexity
-    from kninfer.session import CausalLM
-    from kninfer.tokenizer import encode, load_tokenizer
+    from kninfer.runtime.bundle import read_bundle
+    from kninfer.runtime.perplexity import lm_text, perplexity
+    from kninfer.runtime.session import CausalLM
+    from kninfer.runtime.tokenizer import encode, load_tokenizer
 
     try:
         text = text_file.read_text(encoding="utf-8")

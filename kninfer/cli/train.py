@@ -162,7 +162,7 @@ def finetune(
     seed: Seed = 0,
 ) -> None:
     """Fine-tune on a GLUE task (plain CE, or KD from a fine-tuned teacher), then score the dev split(s)."""
-    from kninfer.tasks import get_task
+    from kninfer.runtime.tasks import get_task
 
     glue_task = get_task(task)  # before the heavy imports: a typo fails at once
 
@@ -273,7 +273,7 @@ def eval_glue(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.", min=1)] = 32,
 ) -> None:
     """Score a fine-tuned classifier on a GLUE task's dev split(s) (MNLI: matched and mismatched)."""
-    from kninfer.tasks import get_task
+    from kninfer.runtime.tasks import get_task
 
     glue_task = get_task(task)
     if out is not None:

@@ -314,7 +314,7 @@ def _check_external_data(directory: Path, onnx_path: Path) -> None:
 
 def _check_tokenizer(path: Path, vocab_size: int, where: str) -> None:
     """The tokenizer's ids must exist in the graph's embedding, or onnxruntime fails on the first such token."""
-    from kninfer.tokenizer import load_tokenizer
+    from kninfer.runtime.tokenizer import load_tokenizer
 
     size = load_tokenizer(path).get_vocab_size(with_added_tokens=True)
     if size > vocab_size:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from kninfer.bundle import Bundle
 from kninfer.errors import KninferError
+from kninfer.runtime.bundle import Bundle
 
 OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -8,9 +8,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from kninfer.errors import KninferError
-from kninfer.session import Classifier
-from kninfer.tasks import input_text
-from kninfer.tokenizer import encode, pad
+from kninfer.runtime.session import Classifier
+from kninfer.runtime.tasks import input_text
+from kninfer.runtime.tokenizer import encode, pad
 
 
 def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], max_length: int) -> list[list[int]]:

@@ -10,8 +10,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from kninfer.errors import KninferError
-from kninfer.session import CausalLM
-from kninfer.tokenizer import decode, encode, pad
+from kninfer.runtime.session import CausalLM
+from kninfer.runtime.tokenizer import decode, encode, pad
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kninfer.errors import KninferError
-from kninfer.session import CausalLM
+from kninfer.runtime.session import CausalLM
 
 
 @dataclass(frozen=True)
