@@ -198,7 +198,7 @@ def zoo_models(args: argparse.Namespace) -> list[dict[str, str]]:
     try:
         from zoo import build_zoo
 
-        from kninfer.cli.export import read_tokenizer
+        from kninfer.export import read_tokenizer
     except ImportError as error:
         raise KninferError(f"--zoo needs the train extra (pip install 'kninfer[train]'): {error}") from None
     tokenizer = args.tokenizer or default_tokenizer()

@@ -48,37 +48,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class OrtModel:
-    """A causal-LM bundle behind the three calls the benchmark makes."""
+    """A causal-LM bundle's runtime session (kninfer's CausalLM) behind the three calls the benchmark makes."""
 
     def __init__(self, path: str, threads: int, low_memory: bool = False) -> None:
         from kninfer.runtime.bundle import read_bundle
         from kninfer.runtime.session import CausalLM
 
+        # the session alone, not kninfer.load: the tokenizer stays out of the load time and memory figures
         self.lm = CausalLM(read_bundle(path), threads=threads, low_memory=low_memory)
-        self.vocab = self.lm.bundle.meta.get("vocab_size", 50257)
-        self.context = self.lm.bundle.context_length
+        self.vocab, self.context = self.lm.bundle.vocab_size, self.lm.bundle.context_length
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
         """Last-position logits and the cache after the prompt `ids`."""
-        from kninfer.runtime.generate import position_ids
-
-        mask = np.ones_like(ids)
-        logits, cache = self.lm.forward(ids, mask, position_ids(mask, ids.shape[1]), self.lm.empty_cache(len(ids)))
+        logits, cache = self.lm.prefill(ids, np.ones_like(ids))
         return logits[:, -1], cache
 
     def step(self, token: np.ndarray, cache: Any) -> np.ndarray:
         """Last-position logits for one new token per row after `cache`; the cache itself is left as it was."""
-        past = cache[0].shape[2]
-        mask = np.ones((len(token), past + 1), np.int64)
-        positions = np.full((len(token), 1), past, np.int64)
-        logits, _ = self.lm.forward(token, mask, positions, cache)
-        return logits[:, -1]
+        return self.extend(token, cache)[0]
 
     def extend(self, token: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         """Like `step`, but returns the cache grown by the token (for generation)."""
-        past = cache[0].shape[2]
-        mask = np.ones((len(token), past + 1), np.int64)
-        logits, cache = self.lm.forward(token, mask, np.full((len(token), 1), past, np.int64), cache)
+        mask = np.ones((len(token), cache[0].shape[2] + 1), np.int64)
+        logits, cache = self.lm.step(token, mask, cache)
         return logits[:, -1], cache
 
 
@@ -171,14 +163,15 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 def perplexity(spec: dict[str, Any]) -> dict[str, Any]:
     """kninfer.runtime.perplexity on the first `max_tokens` tokens of a text file."""
+    import kninfer
     from kninfer.runtime.perplexity import perplexity as bundle_perplexity
-    from kninfer.runtime.tokenizer import encode, load_tokenizer
+    from kninfer.runtime.tokenizer import encode
 
-    model = OrtModel(spec["path"], spec["threads"])
+    lm = kninfer.load(spec["path"], threads=spec["threads"])
     with open(spec["text_file"], encoding="utf-8") as handle:
-        ids = encode(load_tokenizer(model.lm.bundle.tokenizer_path), handle.read())[: spec["max_tokens"]]
-    window = min(spec["window"], model.context)
-    result = bundle_perplexity(model.lm, ids, stride=window // 2, max_length=window)
+        ids = encode(lm.tokenizer, handle.read())[: spec["max_tokens"]]
+    window = min(spec["window"], lm.info.context_length)
+    result = bundle_perplexity(lm.session, ids, stride=window // 2, max_length=window)
     return {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens, "window": window}
 
 

@@ -12,10 +12,10 @@ training resumes from its last checkpoint):
    Kronecker embedding) and the `distil` student (layers 0, 2, 4 kept); their parameter counts, head counted
    once in both, must be within 3%: the vocabulary is chosen for that, V ≈ n_layer·(6·d + 13) makes the
    embedding's halving save what dropping the other half of the odd layers saves;
-3. students pre-trained on sotu train with one budget (`kninfer distill`, same tokens, steps, batch, LR
+3. students pre-trained on sotu train with one budget (`kninfer.train.distill`, same tokens, steps, batch, LR
    schedule and seed): Distil + LM, Distil + vanilla KD, KnGPT2 + LM, KnGPT2 + ILKD, KnGPT2 + ILKD without CE;
 4. perplexity on sotu test and WikiText-2 test (the WikiText-103 test text) for every LM;
-5. GLUE dev (`kninfer finetune`): the teacher fine-tuned with CE; Distil (+ KD) with CE and vanilla KD; KnGPT2
+5. GLUE dev (`kninfer.train.finetune`): the teacher fine-tuned with CE; Distil (+ KD) with CE and vanilla KD; KnGPT2
    (+ ILKD) with CE and ILKD from the fine-tuned teacher; the ablation students with ILKD;
 6. bench/results/paper-miniature.{json,md,png} (with --short: paper-miniature-short; with --quick: in the work
    folder, named paper-miniature-quick).
@@ -47,7 +47,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import typer
 from latency import machine  # bench/ is on the path when this runs as a script
 from rich.console import Console
 
@@ -188,13 +187,14 @@ class Run:
     def teacher(self) -> dict[str, Any]:
         """Train the teacher from scratch (the HF Trainer inside resumes from its last checkpoint)."""
         from kninfer.modeling.compress import count_parameters
-        from kninfer.train.pretrain import pretrain
+        from kninfer.train import pretrain
+        from kninfer.train.trainer import checkpoints_beside
 
         s, out = self.sizes, self.model("teacher")
         model = pretrain(self.sotu, out, n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"],
                          vocab_size=s["vocab_size"], block_size=s["block_size"], max_steps=s["teacher_steps"],
                          batch_size=s["teacher_batch"], lr=s["teacher_lr"], seed=self.args.seed)
-        _remove_checkpoints(Path(str(out) + ".checkpoints"))
+        _remove_checkpoints(checkpoints_beside(out))
         log = json.loads((out / "train_log.json").read_text())
         return {"parameters": count_parameters(model), "steps": s["teacher_steps"],
                 "tokens": s["teacher_steps"] * s["teacher_batch"] * s["block_size"],
@@ -223,24 +223,22 @@ class Run:
                         "counted once", "kngpt2_options": {"tie_head": True, "odd_layers": "0-based odd (1, 3, ...)"}}
 
     def student(self, name: str) -> dict[str, Any]:
-        """Pre-train one student on sotu train with the shared budget (`kninfer distill`)."""
-        from kninfer.cli.train import distill
+        """Pre-train one student on sotu train with the shared budget (`kninfer.train.distill`)."""
         from kninfer.modeling.compress import count_parameters
-        from kninfer.modeling.io import load
-        from kninfer.train.losses import TERMS, default_alphas
+        from kninfer.train import distill
+        from kninfer.train.losses import default_alphas
+        from kninfer.train.trainer import checkpoints_beside
 
         start, kd, ce = STUDENTS[name]
         weights = default_alphas(kd, finetune=False) | ({} if ce is None else {"ce": ce})
         s, out = self.sizes, self.model(name)
-        checkpoints = out.with_name(out.name + ".checkpoints")
-        distill(student=str(self.model(start)), data=self.sotu, out=out,
-                teacher=str(self.model("teacher")) if kd != "none" else None, kd=kd,
-                alphas=",".join(str(weights[term]) for term in TERMS[kd]),
-                block_size=s["block_size"], batch_size=s["student_batch"], lr=s["student_lr"],
-                max_steps=s["student_steps"], logging_steps=s["logging_steps"], save_steps=s["save_steps"],
-                checkpoints=checkpoints, resume=_has_checkpoint(checkpoints), seed=self.args.seed)
-        _remove_checkpoints(checkpoints)
-        return {"parameters": count_parameters(load(out)[0]), "start": start, "kd": kd, "alphas": weights,
+        student = distill(self.model(start), self.sotu, teacher=self.model("teacher") if kd != "none" else None,
+                          kd=kd, alphas=weights, block_size=s["block_size"], batch_size=s["student_batch"],
+                          lr=s["student_lr"], max_steps=s["student_steps"],
+                          logging_steps=s["logging_steps"], save_steps=s["save_steps"], out=out, resume="auto",
+                          seed=self.args.seed, log=console.print)
+        _remove_checkpoints(checkpoints_beside(out))
+        return {"parameters": count_parameters(student), "start": start, "kd": kd, "alphas": weights,
                 "steps": s["student_steps"], "tokens": s["student_steps"] * s["student_batch"] * s["block_size"]}
 
     def perplexity(self, name: str) -> dict[str, Any]:
@@ -261,14 +259,14 @@ class Run:
         return result
 
     def test_ids(self, text: str, tokenizer: Any):
-        """The first `eval_tokens` ids of a test text, its rows joined as `kninfer eval-lm` joins them."""
+        """The first `eval_tokens` ids of a test text, read as `kninfer eval-lm` reads it."""
         import torch
 
-        from kninfer.train.data import load_lm_text
+        from kninfer.train.eval_lm import eval_text
 
         if text not in self._test_ids:
-            rows = load_lm_text(self.sotu, "test") if text == "sotu" else load_lm_text(self.wikitext)
-            ids = tokenizer("\n\n".join(rows["text"]), verbose=False)["input_ids"]
+            source = eval_text(self.sotu, "test") if text == "sotu" else eval_text(self.wikitext)
+            ids = tokenizer(source, verbose=False)["input_ids"]
             self._test_ids[text] = torch.tensor(ids[: self.sizes["eval_tokens"]])
         return self._test_ids[text]
 
@@ -291,19 +289,17 @@ class Run:
         return {"train_rows": len(keep), "of": len(rows)}
 
     def finetune(self, task: str, name: str, kd: str) -> dict[str, Any]:
-        """Fine-tune a pre-trained model on a GLUE task (`kninfer finetune`) and score the dev split."""
-        from kninfer.cli.train import finetune
+        """Fine-tune a pre-trained model on a GLUE task (`kninfer.train.finetune`) and score the dev split."""
+        from kninfer.train import finetune
+        from kninfer.train.trainer import checkpoints_beside
 
         s, out = self.sizes, self.glue_model(task, name, kd)
-        checkpoints = out.with_name(out.name + ".checkpoints")
-        teacher = str(self.glue_model(task, "teacher", "none")) if kd != "none" else None
-        finetune(model=str(self.model(name)), task=task, out=out, data_dir=str(self.work / "glue-data"),
-                 teacher=teacher, kd=kd, max_length=s["glue_max_length"], batch_size=s["glue_batch"],
-                 lr=s["glue_lr"], epochs=s["glue_epochs"], logging_steps=s["logging_steps"],
-                 save_steps=s["save_steps"], checkpoints=checkpoints, resume=_has_checkpoint(checkpoints),
-                 seed=self.args.seed)
-        _remove_checkpoints(checkpoints)
-        metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+        teacher = self.glue_model(task, "teacher", "none") if kd != "none" else None
+        _, metrics = finetune(self.model(name), task, data_dir=self.work / "glue-data", teacher=teacher, kd=kd,
+                              max_length=s["glue_max_length"], batch_size=s["glue_batch"], lr=s["glue_lr"],
+                              epochs=s["glue_epochs"], logging_steps=s["logging_steps"], save_steps=s["save_steps"],
+                              out=out, resume="auto", seed=self.args.seed, log=console.print)
+        _remove_checkpoints(checkpoints_beside(out))
         return {"metrics": metrics, "score": glue_score(metrics)}
 
     def glue_model(self, task: str, name: str, kd: str) -> Path:
@@ -325,10 +321,6 @@ class Run:
             name = f"glue/{task}/{model}-{kd}"
             results[name] = run(name, lambda t=task, m=model, k=kd: self.finetune(t, m, k))
         return results
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    return any(folder.glob("checkpoint-*"))
 
 
 def _remove_checkpoints(folder: Path) -> None:
@@ -583,12 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     except KninferError as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
-    except KeyboardInterrupt:
-        console.print("interrupted: run the same command again to continue from the finished stages")
+    except KeyboardInterrupt:  # also TrainingInterrupted: a training stopped by Ctrl-C at a saved checkpoint
+        console.print("interrupted: run the same command again to continue (finished stages are kept, a stopped "
+                      "training resumes from its checkpoint)")
         return 130
-    except typer.Exit as stop:  # a training stopped by Ctrl-C at a saved checkpoint
-        console.print("interrupted at a checkpoint: run the same command again to continue")
-        return stop.exit_code
     wall_time = time.perf_counter() - wall
     t = tables(results, args, sizes)
     report = {

@@ -30,7 +30,7 @@ from kninfer.atomic import umask_permissions
 from kninfer.errors import KninferError
 from kninfer.export.dense import densify
 from kninfer.export.onnx_config import TASKS, export_onnx
-from kninfer.export.verify import Verification, check_graph, top1_agreement, verify_causal_lm, verify_classifier
+from kninfer.export.verify import TOLERANCE, Verification, check_graph, top1_agreement, verify_graph
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 from kninfer.runtime.bundle import (
     FILE_FIELDS,
@@ -39,6 +39,7 @@ from kninfer.runtime.bundle import (
     TOKENIZER_FILE,
     describe_models,
     file_sha256,
+    graph_bundle,
     read_bundle,
     read_models,
 )
@@ -75,20 +76,21 @@ def export_bundle(
     _kept_models(out, overwrite)  # refuse before the slow part
     model = (densify(model) if variant == "dense" else model).eval()
     layers = sum(isinstance(m, (KroneckerLinear, KroneckerEmbedding)) for m in model.modules())
+    entry = bundle_metadata(model, task, variant)
     with _staging(out) as work:
         fp32 = work / "fp32.onnx"
         with torch.no_grad():
             export_onnx(model, task, fp32, opset)
         check_graph(str(fp32))
-        verification = _verify(model, task, fp32) if verify else None
+        verification = verify_graph(model, graph_bundle(fp32, entry)) if verify else None
         if verification is not None and not verification.ok:
             raise KninferError(f"verification failed: onnxruntime and PyTorch logits differ by "
-                               f"{verification.max_abs_diff:.3g} (> {1e-4:g})")
+                               f"{verification.max_abs_diff:.3g} (> {TOLERANCE:g})")
         final, agreement = fp32, None
         if variant == "int8":
             final = work / "int8.onnx"
-            agreement = _quantize(fp32, final, task, model.config.vocab_size, sample_ids)
-        size, nodes = _publish(final, bundle_metadata(model, task, variant), work, out, tokenizer_json, overwrite)
+            agreement = _quantize(fp32, final, entry, sample_ids)
+        size, nodes = _publish(final, entry, work, out, tokenizer_json, overwrite)
         return ExportReport(out, size, nodes, layers, verification, agreement)
 
 
@@ -105,7 +107,7 @@ def quantize_bundle(source: str | os.PathLike, out: str | os.PathLike, sample_id
     with _staging(out) as work:
         tokenizer_json = bundle.tokenizer_path.read_bytes().decode("utf-8") if bundle.tokenizer_path else None
         final = work / "int8.onnx"
-        agreement = _quantize(bundle.onnx_path, final, bundle.task, bundle.vocab_size, sample_ids)
+        agreement = _quantize(bundle.onnx_path, final, entry, sample_ids)
         size, nodes = _publish(final, entry, work, out, tokenizer_json, overwrite)
         return ExportReport(out, size, nodes, len(modules) if isinstance(modules, dict) else 0, None, agreement)
 
@@ -170,12 +172,6 @@ def _check_vocabulary(tokenizer_json: str | None, vocab_size: int) -> None:
                            "pass the model's own tokenizer")
 
 
-def _verify(model: PreTrainedModel, task: str, path: Path) -> Verification:
-    if task == "causal-lm":
-        return verify_causal_lm(model, str(path), lengths=[7, 4])
-    return verify_classifier(model, str(path))
-
-
 def _as_batch(ids: list[int]):
     import numpy as np
 
@@ -200,15 +196,16 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _quantize(fp32: Path, int8: Path, task: str, vocab_size: int, sample_ids: list[int] | None) -> float | None:
+def _quantize(fp32: Path, int8: Path, entry: dict[str, Any], sample_ids: list[int] | None) -> float | None:
     """Write the int8 graph; for a causal LM return its top-1 agreement with the fp32 one on sample ids."""
     from kninfer.export.quantize import quantize_int8
 
     quantize_int8(fp32, int8)
-    if task != "causal-lm":
+    if entry["task"] != "causal-lm":
         return None
+    vocab_size = entry["vocab_size"]
     ids = sample_ids or list(range(0, vocab_size, max(1, vocab_size // 64)))
-    return top1_agreement(str(fp32), str(int8), _as_batch(ids))
+    return top1_agreement(graph_bundle(fp32, entry), graph_bundle(int8, entry), _as_batch(ids))
 
 
 def _remove_staging_leftovers(out: Path) -> None:

@@ -33,6 +33,13 @@ def check_divides(out_features: int, in_features: int, m1: int, n1: int, m2: int
         )
 
 
+def check_rank(rank: int, m1: int, n1: int, m2: int, n2: int) -> None:
+    """Raise a one-line error unless 1 <= rank <= min(m1*n1, m2*n2): more Kronecker terms add nothing."""
+    check_positive(rank=rank)
+    if rank > min(m1 * n1, m2 * n2):
+        raise KninferError(f"rank {rank} must be between 1 and {min(m1 * n1, m2 * n2)} for these factor shapes")
+
+
 def rearrange(W: torch.Tensor, m1: int, n1: int, m2: int, n2: int) -> torch.Tensor:
     """Van Loan's R: R[i1*n1 + j1, i2*n2 + j2] = W[i1*m2 + i2, j1*n2 + j2], so A ⊗ B = vec(A) vec(B)ᵀ."""
     return W.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
@@ -50,9 +57,7 @@ def nearest_kronecker(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r sum_k A_k ⊗ B_k to W in Frobenius norm (Van Loan and Pitsianis): top-r SVD of R."""
     check_divides(*W.shape, m1, n1, m2, n2)
-    check_positive(rank=rank)
-    if not 1 <= rank <= min(m1 * n1, m2 * n2):
-        raise KninferError(f"rank {rank} must be between 1 and {min(m1 * n1, m2 * n2)} for these factor shapes")
+    check_rank(rank, m1, n1, m2, n2)
     R = rearrange(W.detach().double(), m1, n1, m2, n2)
     U, S, Vh = torch.linalg.svd(R, full_matrices=False)
     root = S[:rank].sqrt()

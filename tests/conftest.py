@@ -53,3 +53,57 @@ def tiny_teacher_dir(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> Path:
     tiny_teacher.save_pretrained(path)
     gpt2_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def export_tiny(gpt2_tokenizer):
+    """A function exporting a model with GPT-2's tokenizer to FOLDER/model.onnx, unverified (the tests compare);
+    it returns the folder."""
+    from kninfer.export.bundle import export_bundle
+
+    def export(model, folder: Path, task: str = "causal-lm") -> Path:
+        export_bundle(model, folder / "model.onnx", task=task, tokenizer_json=gpt2_tokenizer.backend_tokenizer.to_str(),
+                      verify=False)
+        return folder
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def gpt2_bundle(tmp_path_factory, tiny_teacher, export_tiny) -> Path:
+    """The tiny teacher as a causal-lm bundle."""
+    return export_tiny(tiny_teacher, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def kngpt2(tiny_teacher):
+    """The tiny teacher compressed with the kngpt2 preset, in eval mode."""
+    from kninfer.modeling.compress import compress
+
+    student, _ = compress(tiny_teacher, "kngpt2")
+    return student.eval()
+
+
+@pytest.fixture(scope="session")
+def kngpt2_bundle(tmp_path_factory, kngpt2, export_tiny) -> Path:
+    """The kngpt2 student as a causal-lm bundle."""
+    return export_tiny(kngpt2, tmp_path_factory.mktemp("kngpt2"))
+
+
+@pytest.fixture(scope="session")
+def sst2_classifier(tiny_config):
+    """A random tiny GPT-2 SST-2 classifier (pad = eos, as the bundle contract has it)."""
+    import torch
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(1)
+    config = tiny_config.__class__(**{**tiny_config.to_dict(), "num_labels": 2, "pad_token_id": 50256,
+                                      "id2label": {0: "negative", 1: "positive"}})
+    config.glue_task = "sst2"
+    return GPT2ForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="session")
+def sst2_bundle(tmp_path_factory, sst2_classifier, export_tiny) -> Path:
+    """The SST-2 classifier as a sequence-classification bundle."""
+    return export_tiny(sst2_classifier, tmp_path_factory.mktemp("sst2"), task="sequence-classification")

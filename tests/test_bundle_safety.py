@@ -18,13 +18,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime import _cli, _edit_entry, _export
+from test_runtime import _cli, _edit_entry
 
+import kninfer
 from kninfer.errors import KninferError
 from kninfer.export.bundle import export_bundle, quantize_bundle
 from kninfer.runtime.bundle import FIELDS, KV_KEYS, external_data_locations, file_sha256, read_bundle
 from kninfer.runtime.session import CausalLM, Classifier
-from kninfer.runtime.tokenizer import load_tokenizer
 
 IDS = np.array([[5, 17, 300, 2, 9000, 50256]], np.int64)
 TOL = 1e-4  # fp32 onnxruntime vs PyTorch, max |Δlogits|: the exporter's own verification bound
@@ -33,11 +33,8 @@ MODEL = ("models", "model.onnx")  # the path of the one graph's entry in kninfer
 
 
 def _run(path: Path) -> np.ndarray:
-    """The loader end to end, in this process: read_bundle, the tokenizer, a session, one forward of IDS."""
-    bundle = read_bundle(path)
-    load_tokenizer(bundle.tokenizer_path)
-    model = CausalLM(bundle, threads=1)
-    return model.forward(IDS, np.ones_like(IDS), np.arange(IDS.shape[1])[None], model.empty_cache(1))[0]
+    """The loader end to end, in this process: kninfer.load (bundle, tokenizer, session), then a prefill of IDS."""
+    return kninfer.load(path, threads=1).session.prefill(IDS, np.ones_like(IDS))[0]
 
 
 def _torch_logits(model) -> np.ndarray:
@@ -91,8 +88,8 @@ def other_teacher(tiny_config):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> Path:
-    return _export(tiny_teacher, tmp_path_factory.mktemp("bundle"), gpt2_tokenizer)
+def bundle(tmp_path_factory, tiny_teacher, export_tiny) -> Path:
+    return export_tiny(tiny_teacher, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -286,20 +283,19 @@ def test_a_context_past_the_graph_fails_in_one_line(folder, capfd):
     bundle, and onnxruntime logs nothing besides."""
     _edit_entry(folder, context_length=100_000)
     model = CausalLM(read_bundle(folder), threads=1)
-    ids = np.array([[5]], np.int64)
-    message = _one_line_error(lambda: model.forward(ids, np.ones_like(ids), np.array([[200]]), model.empty_cache(1)))
+    ids = np.full((1, 201), 5, np.int64)  # positions up to 200, past the graph's 128
+    message = _one_line_error(lambda: model.prefill(ids, np.ones_like(ids)))
     assert message.startswith(f"onnxruntime failed to run '{folder / 'model.onnx'}'")
     assert capfd.readouterr().err == ""
 
 
-def test_classifier_labels_must_fit_its_logits(tmp_path, tiny_config, gpt2_tokenizer):
+def test_classifier_labels_must_fit_its_logits(tmp_path, tiny_config, export_tiny):
     from transformers import GPT2ForSequenceClassification
 
     config = copy.deepcopy(tiny_config)
     config.num_labels, config.pad_token_id = 2, 50256
     torch.manual_seed(2)
-    folder = _export(GPT2ForSequenceClassification(config).eval(), tmp_path, gpt2_tokenizer,
-                     task="sequence-classification")
+    folder = export_tiny(GPT2ForSequenceClassification(config).eval(), tmp_path, task="sequence-classification")
     _edit_entry(folder, labels=["only one"])
     assert "logits has size 2 on axis -1" in _one_line_error(lambda: Classifier(read_bundle(folder), threads=1))
 

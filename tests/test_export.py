@@ -16,10 +16,12 @@ from onnx import numpy_helper
 
 from kninfer.errors import KninferError
 from kninfer.export import export_bundle, quantize_bundle
-from kninfer.export.verify import CachedRunner, session, verify_causal_lm, verify_classifier
+from kninfer.export.verify import verify_causal_lm, verify_classifier
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 from kninfer.modeling.compress import compress
 from kninfer.modeling.gpt2 import dense_weight
+from kninfer.runtime.bundle import read_bundle
+from kninfer.runtime.session import CausalLM
 
 TOL = 1e-4  # fp32 onnxruntime vs PyTorch, max |Δlogits|
 
@@ -40,6 +42,11 @@ def exported(models, tmp_path_factory):
     """Each model exported once (fp32, no built-in verification: the tests verify)."""
     folder = tmp_path_factory.mktemp("onnx")
     return {name: export_bundle(m, folder / name / "model.onnx", verify=False).onnx_path for name, m in models.items()}
+
+
+def _graph(path):
+    """An exported graph (no tokenizer) as the runtime reads it."""
+    return read_bundle(path, need_tokenizer=False)
 
 
 def initializers(path) -> dict[str, np.ndarray]:
@@ -96,7 +103,7 @@ def test_no_4d_transpose_outside_attention(exported, balanced, name):
 def test_balanced_factors_match_torch(balanced, rank):
     model, path = balanced[rank]
     assert sum(isinstance(m, KroneckerLinear) and m.rank == rank for m in model.modules()) == 9
-    assert verify_causal_lm(model, str(path), lengths=[6, 3, 1]).max_abs_diff <= TOL
+    assert verify_causal_lm(model, _graph(path), lengths=[6, 3, 1]).max_abs_diff <= TOL
     report = quantize_bundle(path, path.parent / "int8" / "model.onnx")
     assert report.int8_agreement > 0.5
 
@@ -147,13 +154,13 @@ def test_dense_variant_has_the_full_weights(models, tmp_path):
     inits = initializers(path)
     for layer in ("transformer.h.1.mlp.c_fc", "transformer.h.3.attn.c_proj", "transformer.wte"):
         assert holding(inits, dense_weight(model, layer)[0]), layer
-    assert verify_causal_lm(model, str(path), lengths=[5, 2]).max_abs_diff <= TOL
+    assert verify_causal_lm(model, _graph(path), lengths=[5, 2]).max_abs_diff <= TOL
 
 
 @pytest.mark.parametrize("name", ["kngpt2-tied", "kngpt2", "krony-pt", "gpt2"])
 @pytest.mark.parametrize("lengths", [[6], [6, 3, 1]], ids=["batch1", "batch3-left-padded"])
 def test_onnxruntime_matches_torch(models, exported, name, lengths):
-    result = verify_causal_lm(models[name], str(exported[name]), lengths=lengths, steps=3)
+    result = verify_causal_lm(models[name], _graph(exported[name]), lengths=lengths, steps=3)
     assert result.max_abs_diff <= TOL
 
 
@@ -167,7 +174,7 @@ def test_classification_graph(tiny_teacher, tmp_path, pad):
     torch.manual_seed(1)
     classifier = KnGPT2ForSequenceClassification(config).eval()
     report = export_bundle(classifier, tmp_path / "cls.onnx", task="sequence-classification", verify=False)
-    assert verify_classifier(classifier, str(report.onnx_path), lengths=[7, 4, 1]).max_abs_diff <= TOL
+    assert verify_classifier(classifier, _graph(report.onnx_path), lengths=[7, 4, 1]).max_abs_diff <= TOL
     meta = json.loads((tmp_path / "kninfer.json").read_text())["models"]["cls.onnx"]
     assert meta["task"] == "sequence-classification" and meta["kv_cache"] is None and len(meta["labels"]) == 2
 
@@ -198,11 +205,9 @@ def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
         **{k: v for k, v in fp32_meta.items() if k not in files}, "variant": "int8"}
     assert re.fullmatch(r"q\.onnx\.[0-9a-f]{8}\.data", meta["onnx_data_file"])
     assert report.int8_agreement == int8.int8_agreement
-    config = models["kngpt2-tied"].config
-    ids = np.arange(0, config.vocab_size, 97, dtype=np.int64)[None, :20]
-    logits = [CachedRunner(session(str(p)), config.n_layer, config.n_head, config.n_embd // config.n_head).step(
-        ids, np.ones_like(ids)) for p in
-              (int8.onnx_path, report.onnx_path)]
+    ids = np.arange(0, models["kngpt2-tied"].config.vocab_size, 97, dtype=np.int64)[None, :20]
+    logits = [CausalLM(_graph(p), threads=1).prefill(ids, np.ones_like(ids))[0]
+              for p in (int8.onnx_path, report.onnx_path)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
     with pytest.raises(KninferError, match="quantize an fp32 one"):
         quantize_bundle(report.onnx_path, tmp_path / "again" / "q.onnx")

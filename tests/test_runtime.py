@@ -1,4 +1,6 @@
-"""The torch-free runtime against transformers on tiny exported bundles: generate, perplexity, classify, errors."""
+"""The torch-free runtime's parts on tiny exported bundles: sessions, sampling, streaming, the window rule,
+classification against transformers, bad bundles, the CLI and the import boundary (the public API against
+transformers: test_api_runtime.py)."""
 
 from __future__ import annotations
 
@@ -14,88 +16,36 @@ import numpy as np
 import pytest
 import torch
 
+import kninfer
 from kninfer.errors import KninferError
 from kninfer.runtime.bundle import file_sha256, read_bundle
-from kninfer.runtime.classify import classify, predict
-from kninfer.runtime.generate import Sampling, _Row, _stream, generate, next_tokens
-from kninfer.runtime.perplexity import perplexity
+from kninfer.runtime.classify import classify, predictions
+from kninfer.runtime.generate import Generation, Sampling, TextStream, generate, next_tokens
+from kninfer.runtime.perplexity import windows
 from kninfer.runtime.session import CausalLM, Classifier
-from kninfer.runtime.tokenizer import decode, encode, load_tokenizer, pad
+from kninfer.runtime.tokenizer import decode, encode, load_tokenizer
 
 PROMPTS = ["Hello, my name is", "The capital of France", "In 1905 Einstein published four papers on"]
 NEW_TOKENS = 8
 
 
-def _export(model, path: Path, tokenizer, task: str = "causal-lm") -> Path:
-    from kninfer.export.bundle import export_bundle
-
-    export_bundle(model, path / "model.onnx", task=task, tokenizer_json=tokenizer.backend_tokenizer.to_str(),
-                  verify=False)
-    return path
-
-
 @pytest.fixture(scope="module")
-def gpt2_bundle(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> Path:
-    return _export(tiny_teacher, tmp_path_factory.mktemp("gpt2"), gpt2_tokenizer)
+def lm(gpt2_bundle):
+    """The tiny GPT-2 bundle, loaded."""
+    return kninfer.load(gpt2_bundle, threads=1)
 
 
-@pytest.fixture(scope="module")
-def kngpt2(tiny_teacher):
-    from kninfer.modeling.compress import compress
-
-    student, _ = compress(tiny_teacher, "kngpt2")
-    return student.eval()
-
-
-@pytest.fixture(scope="module")
-def kngpt2_bundle(tmp_path_factory, kngpt2, gpt2_tokenizer) -> Path:
-    return _export(kngpt2, tmp_path_factory.mktemp("kngpt2"), gpt2_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_teacher, kngpt2, gpt2_bundle, kngpt2_bundle):
-    """(torch model, runtime model) for plain GPT-2 and KnGPT2."""
-    return {"gpt2": (tiny_teacher, CausalLM(read_bundle(gpt2_bundle), threads=1)),
-            "kngpt2": (kngpt2, CausalLM(read_bundle(kngpt2_bundle), threads=1))}
-
-
-def test_low_memory_session_gives_the_same_logits(models, kngpt2_bundle):
+def test_low_memory_session_gives_the_same_logits(kngpt2_bundle):
     """--low-memory only turns off weight pre-packing: same logits as the default session (atol 1e-5)."""
-    default = models["kngpt2"][1]
-    lean = CausalLM(read_bundle(kngpt2_bundle), threads=1, low_memory=True)
+    default, lean = (CausalLM(read_bundle(kngpt2_bundle), threads=1, low_memory=low) for low in (False, True))
     assert lean.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     ids = np.array([[5, 17, 300, 2]], np.int64)
-    feeds = (ids, np.ones_like(ids), np.arange(4)[None], default.empty_cache(1))
-    np.testing.assert_allclose(lean.forward(*feeds)[0], default.forward(*feeds)[0], atol=1e-5)
+    np.testing.assert_allclose(lean.prefill(ids, np.ones_like(ids))[0], default.prefill(ids, np.ones_like(ids))[0],
+                               atol=1e-5)
 
 
-def _hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
-    """transformers' greedy generate() on a left-padded batch: the new tokens of each row, cut at EOS."""
-    ids, mask = pad([tokenizer.encode(p) for p in prompts], 50256, side="left")
-    with torch.no_grad():
-        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                             max_new_tokens=NEW_TOKENS, pad_token_id=50256)
-    rows = out[:, ids.shape[1]:].tolist()
-    return [row[:row.index(50256)] if 50256 in row else row for row in rows]
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "kngpt2"])
-def test_greedy_matches_transformers_batch_1_and_3(models, gpt2_tokenizer, kind):
-    """Exact token equality with transformers' greedy decoding, one prompt at a time and left-padded together."""
-    torch_model, model = models[kind]
-    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
-    sampling = Sampling(max_new_tokens=NEW_TOKENS)
-    for prompt in PROMPTS:
-        expected = _hf_greedy(torch_model, gpt2_tokenizer, [prompt])
-        assert generate(model, tokenizer, [prompt], sampling).token_ids == expected
-    batch = generate(model, tokenizer, PROMPTS, sampling)
-    assert batch.token_ids == _hf_greedy(torch_model, gpt2_tokenizer, PROMPTS)
-    assert batch.texts == [gpt2_tokenizer.decode(ids) for ids in batch.token_ids]
-
-
-def test_sampling_seeded_and_top_k_1_is_greedy(models):
-    _, model = models["gpt2"]
-    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+def test_sampling_seeded_and_top_k_1_is_greedy(lm):
+    model, tokenizer = lm.session, lm.tokenizer
     greedy = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS)).token_ids
     top1 = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS, temperature=1.5, top_k=1, seed=3))
     assert top1.token_ids == greedy
@@ -104,18 +54,6 @@ def test_sampling_seeded_and_top_k_1_is_greedy(models):
     assert first == again
     other = generate(model, tokenizer, PROMPTS, dataclasses.replace(sampled, seed=8))
     assert other.token_ids != first  # a random tiny model's distribution is near uniform: seeds differ
-
-
-def test_stop_strings_and_streaming(models):
-    _, model = models["gpt2"]
-    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
-    full = generate(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=NEW_TOKENS)).texts[0]
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    pieces: list[str] = []
-    sampling = Sampling(max_new_tokens=NEW_TOKENS, stop=(stop,))
-    cut = generate(model, tokenizer, PROMPTS[:1], sampling, on_text=pieces.append)
-    assert cut.texts[0] == full[:full.index(stop)]
-    assert "".join(pieces) == cut.texts[0]
 
 
 def test_sampling_distribution_matches_transformers_processors():
@@ -142,16 +80,15 @@ def test_sampling_distribution_matches_transformers_processors():
 
 
 def test_stream_holds_back_partial_characters_and_stop_prefixes():
-    row, pieces = _Row(), []
-    for text in ("Hi \ufffd", "Hi é ST", "Hi é STx"):
-        row.text = text
-        _stream(row, ("STOP",), pieces.append)
-    assert pieces == ["Hi ", "é ", "STx"]
+    steps = [Generation(texts=[text], token_ids=[[]], prompt_tokens=1) for text in ("Hi \ufffd", "Hi é ST", "Hi é STx")]
+    assert list(TextStream(iter(steps), ("STOP",))) == ["Hi ", "é ", "STx"]
+    ends_held = [Generation(texts=[text], token_ids=[[]], prompt_tokens=1) for text in ("a", "a S", "a ST\ufffd")]
+    stream = TextStream(iter(ends_held), ("STOP",))
+    assert list(stream) == ["a", " ", "ST\ufffd"] and stream.result is ends_held[-1]  # the end releases the rest
 
 
-def test_truncate_left_and_context_limit(models):
-    _, model = models["gpt2"]
-    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
+def test_truncate_left_and_context_limit(lm):
+    model, tokenizer = lm.session, lm.tokenizer
     context = model.bundle.context_length
     long_prompt = " word" * (context + 10)
     with pytest.raises(KninferError, match="context"):
@@ -169,47 +106,51 @@ def test_tokenizer_round_trips_utf8(gpt2_bundle, gpt2_tokenizer):
     assert decode(tokenizer, encode(tokenizer, text)) == text
 
 
-def _torch_perplexity(model, ids: list[int], max_length: int, stride: int) -> float:
-    """The Hugging Face sliding-window recipe, weighting each window's mean loss by its scored tokens."""
-    nll, count, previous_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + max_length, len(ids))
-        window = torch.tensor([ids[begin:end]])
-        labels = window.clone()
-        labels[:, :-(end - previous_end)] = -100
-        scored = int((labels[:, 1:] != -100).sum())
-        with torch.no_grad():
-            nll += model(window, labels=labels).loss.item() * scored
-        count, previous_end = count + scored, end
-        if end == len(ids):
-            break
-    return float(np.exp(nll / count))
+@pytest.mark.parametrize("max_length, stride", [(8, 3), (8, 8), (8, 1), (30, 7)])
+def test_windows_score_what_the_hugging_face_recipe_scores(max_length, stride):
+    """The positions each window scores are those the recipe's labels leave unmasked after the shift."""
+    for n_tokens in (2, 9, 17, 25):
+        recipe, previous_end = [], 0
+        for begin in range(0, n_tokens, stride):
+            end = min(begin + max_length, n_tokens)
+            labels = list(range(begin, end))
+            labels[:-(end - previous_end)] = [-100] * (len(labels) - (end - previous_end))
+            recipe.append([t for t in labels[1:] if t != -100])  # labels shift left: the window's first is unscored
+            previous_end = end
+            if end == n_tokens:
+                break
+        scored = [list(range(first, end)) for _, end, first in windows(n_tokens, max_length, stride)]
+        assert scored == [r for r in recipe if r]
+        assert all(end - begin <= max_length for begin, end, _ in windows(n_tokens, max_length, stride))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "kngpt2"])
-def test_perplexity_matches_torch(models, data_dir, gpt2_tokenizer, kind):
-    torch_model, model = models[kind]
-    text = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:1000]
-    ids = gpt2_tokenizer.encode(text)
-    for stride in (40, 128):  # overlapping windows with a short last one; disjoint windows
-        ours = perplexity(model, ids, stride=stride).perplexity
-        reference = _torch_perplexity(torch_model, ids, model.bundle.context_length, stride)
-        assert ours == pytest.approx(reference, rel=1e-3)
-
-
-def test_runtime_imports_neither_torch_nor_transformers(gpt2_bundle):
-    """`kninfer generate` runs in a process where importing torch or transformers fails."""
+def test_runtime_imports_neither_torch_nor_transformers(gpt2_bundle, sst2_bundle):
+    """`kninfer.load` and its objects, and `kninfer generate`, run in a process where importing torch,
+    transformers, optimum or onnx fails; `import kninfer` alone does not import onnxruntime."""
     code = (
         "import sys\n"
         "for name in ('torch', 'transformers', 'optimum', 'onnx'):\n"
         "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+        "import kninfer\n"
+        "assert 'onnxruntime' not in sys.modules\n"
+        f"lm = kninfer.load({str(gpt2_bundle)!r})\n"
+        "assert ''.join(lm.stream('Hello', max_new_tokens=5)) == lm.generate('Hello', max_new_tokens=5)\n"
+        "text = 'Hello there, general Kenobi'\n"
+        "assert lm.perplexity(text).tokens == len(lm.tokenizer.encode(text).ids) - 1\n"
+        f"print(kninfer.load({str(sst2_bundle)!r}).classify('a fine film').label)\n"
         "from kninfer.cli import main\n"
         f"sys.argv = ['kninfer', 'generate', {str(gpt2_bundle)!r}, '--prompt', 'Hello', '--max-new-tokens', '5']\n"
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "5 new tokens" in done.stderr
+    assert done.stdout.split("\n")[0] in ("negative", "positive") and "5 new tokens" in done.stderr
+
+
+def test_importing_kninfer_or_its_models_does_not_import_onnxruntime():
+    code = "import sys, kninfer, kninfer.modeling, kninfer.runtime.tasks; assert 'onnxruntime' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -218,10 +159,8 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, input=stdin, timeout=120)
 
 
-def test_cli_generate_stdin_and_batch(gpt2_bundle, models):
-    _, model = models["gpt2"]
-    tokenizer = load_tokenizer(model.bundle.tokenizer_path)
-    expected = generate(model, tokenizer, PROMPTS[:2], Sampling(max_new_tokens=6)).texts
+def test_cli_generate_stdin_and_batch(gpt2_bundle, lm):
+    expected = lm.generate(PROMPTS[:2], max_new_tokens=6)
     onnx_file = str(gpt2_bundle / "model.onnx")
     piped = _cli("generate", onnx_file, "--prompt", "-", "--max-new-tokens", "6", stdin=PROMPTS[0])
     assert piped.returncode == 0 and piped.stdout == expected[0] + "\n"
@@ -269,7 +208,7 @@ def _edit_entry(folder: Path, **fields) -> None:
 def test_bad_bundles_raise_clear_errors(gpt2_bundle, tmp_path):
     for path, expected in _broken_bundles(gpt2_bundle, tmp_path).values():
         with pytest.raises(KninferError, match=expected):
-            CausalLM(read_bundle(path))
+            kninfer.load(path)
     with pytest.raises(KninferError, match="classify needs sequence-classification"):
         Classifier(read_bundle(gpt2_bundle))
     with pytest.raises(KninferError, match="--top-p is 0"):
@@ -305,23 +244,6 @@ def test_cli_eval_matches_torch_eval_lm(gpt2_bundle, tiny_teacher, gpt2_tokenize
 
 
 
-@pytest.fixture(scope="module")
-def sst2_classifier(tiny_config):
-    """A random tiny GPT-2 SST-2 classifier (pad = eos, as the bundle contract has it)."""
-    from transformers import GPT2ForSequenceClassification
-
-    torch.manual_seed(1)
-    config = tiny_config.__class__(**{**tiny_config.to_dict(), "num_labels": 2, "pad_token_id": 50256,
-                                      "id2label": {0: "negative", 1: "positive"}})
-    config.glue_task = "sst2"
-    return GPT2ForSequenceClassification(config).eval()
-
-
-@pytest.fixture(scope="module")
-def sst2_bundle(tmp_path_factory, sst2_classifier, gpt2_tokenizer) -> Path:
-    return _export(sst2_classifier, tmp_path_factory.mktemp("sst2"), gpt2_tokenizer, task="sequence-classification")
-
-
 def _torch_logits(model, tokenizer, inputs: list[tuple[str, ...]]) -> np.ndarray:
     """The torch classifier on a right-padded batch, built as fine-tuning builds its inputs."""
     from kninfer.runtime.tasks import input_text
@@ -344,7 +266,7 @@ def test_classify_matches_torch_classifier(sst2_classifier, sst2_bundle, gpt2_to
     expected = _torch_logits(sst2_classifier, gpt2_tokenizer, inputs)
     logits = classify(model, tokenizer, inputs, batch_size=8)
     np.testing.assert_allclose(logits, expected, atol=1e-4)
-    ids, names = predict(model, logits)
+    names = [p.label for p in predictions(logits, model.bundle.labels)]
     assert names == [["negative", "positive"][i] for i in expected.argmax(-1)]
 
     pairs = [("A man is playing a guitar.", "Someone plays music."), ("Short.", "A much longer second sentence here.")]
@@ -361,11 +283,11 @@ def test_classify_matches_torch_classifier(sst2_classifier, sst2_bundle, gpt2_to
     assert texts.returncode == 0 and texts.stdout.split() == names[:2]
 
 
-def test_classify_cuts_inputs_where_fine_tuning_did(sst2_classifier, gpt2_tokenizer, tmp_path):
+def test_classify_cuts_inputs_where_fine_tuning_did(sst2_classifier, gpt2_tokenizer, export_tiny, tmp_path):
     """A bundle whose classifier was fine-tuned on 8-token inputs scores the first 8 tokens, as torch does."""
     classifier = copy.deepcopy(sst2_classifier)
     classifier.config.max_input_length = 8
-    model = Classifier(read_bundle(_export(classifier, tmp_path, gpt2_tokenizer, task="sequence-classification")))
+    model = Classifier(read_bundle(export_tiny(classifier, tmp_path, task="sequence-classification")))
     assert model.bundle.max_input_length == 8
     text = "an unexpectedly moving film whose second half drags on for far too long"
     ids = gpt2_tokenizer(text)["input_ids"]

@@ -19,7 +19,7 @@ from transformers import TrainerCallback, default_data_collator
 from kninfer.errors import KninferError
 from kninfer.modeling.compress import compress
 from kninfer.train.eval_lm import perplexity
-from kninfer.train.trainer import fit
+from kninfer.train.trainer import TrainingInterrupted, fit
 
 BLOCK = 32
 FAST = {"per_device_train_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "seed": 0,
@@ -84,7 +84,7 @@ class _CtrlCAt(TrainerCallback):
 
 @pytest.mark.filterwarnings("ignore:mtime may not be reliable")  # tiny steps save checkpoints within 1 s
 def test_ctrl_c_then_resume_equals_uninterrupted(trained_teacher, tmp_path):
-    """Ctrl-C at step 3 leaves checkpoint-3; resuming it ends with exactly the uninterrupted run's weights."""
+    """Ctrl-C at step 3 raises, leaving checkpoint-3; resuming it ends with the uninterrupted run's weights."""
     options = dict(FAST, save_strategy="steps", save_steps=100, max_steps=6)
     base, _ = compress(trained_teacher, "kngpt2")
     kwargs = {"teacher": trained_teacher, "kd": "ilkd", "collator": default_data_collator}
@@ -93,13 +93,14 @@ def test_ctrl_c_then_resume_equals_uninterrupted(trained_teacher, tmp_path):
     fit(straight, _blocks(40), tmp_path / "a", **kwargs, **options)
 
     stopped = copy.deepcopy(base)
-    first = fit(stopped, _blocks(40), tmp_path / "b", callbacks=[_CtrlCAt(3)], **kwargs, **options)
-    assert first.interrupt.requested and first.state.global_step == 3
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(stopped, _blocks(40), tmp_path / "b", callbacks=[_CtrlCAt(3)], **kwargs, **options)
+    assert (stop.value.step, stop.value.checkpoints) == (3, tmp_path / "b")
     assert (tmp_path / "b" / "checkpoint-3").is_dir()
 
     resumed = copy.deepcopy(base)
     second = fit(resumed, _blocks(40), tmp_path / "b", resume=True, **kwargs, **options)
-    assert second.state.global_step == 6 and not second.interrupt.requested
+    assert second.state.global_step == 6
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(straight.transformer.h[1].mlp.c_fc.A, base.transformer.h[1].mlp.c_fc.A)

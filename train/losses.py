@@ -13,11 +13,13 @@ ILKD = α1·embedding + α2·attention + α3·hidden + α4·ce, each term comput
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
+
+from kninfer.errors import KninferError
 
 TERMS = {"ilkd": ("embedding", "attention", "hidden", "ce"), "vanilla": ("kd", "ce"), "none": ("ce",)}
 PRETRAIN_ALPHAS = {"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.1}
@@ -30,6 +32,28 @@ def default_alphas(kd: str, finetune: bool) -> dict[str, float]:
     if kd == "ilkd":
         return dict(FINETUNE_ALPHAS if finetune else PRETRAIN_ALPHAS)
     return dict(VANILLA_ALPHAS) if kd == "vanilla" else {"ce": 1.0}
+
+
+def kd_terms(kd: str) -> tuple[str, ...]:
+    """The loss terms of KD mode `kd`, in --alphas order; an unknown mode is bad input."""
+    if kd not in TERMS:
+        raise KninferError(f"unknown --kd '{kd}': expected one of {', '.join(TERMS)}")
+    return TERMS[kd]
+
+
+def loss_weights(kd: str, alphas: Mapping[str, float] | Sequence[float] | None, finetune: bool) -> dict[str, float]:
+    """Weights by term: `alphas` by name or in `kd_terms` order, checked; None gives the paper's (default_alphas)."""
+    terms = kd_terms(kd)
+    if alphas is None:
+        return default_alphas(kd, finetune)
+    if isinstance(alphas, Mapping):
+        if set(alphas) != set(terms):
+            raise KninferError(f"alphas {dict(alphas)}: --kd {kd} weighs {', '.join(terms)}")
+        return {name: float(alphas[name]) for name in terms}
+    if len(alphas) != len(terms):
+        shown = ",".join(f"{value:g}" for value in alphas)
+        raise KninferError(f"--alphas {shown}: --kd {kd} takes {len(terms)} ({','.join(terms)})")
+    return {name: float(value) for name, value in zip(terms, alphas, strict=True)}
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

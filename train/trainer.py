@@ -2,8 +2,8 @@
 
 Checkpoints, resume, gradient accumulation, mixed precision, logging and DDP/FSDP/DeepSpeed (torchrun or
 `accelerate launch`) all come from Trainer; this module only supplies `compute_loss`, per-term logging, a
-Ctrl-C (or SIGTERM) that stops at the end of the current step with a resumable checkpoint, and the choice of
-the checkpoint to resume.
+Ctrl-C (or SIGTERM) that stops at the end of the current step with a resumable checkpoint (`fit` then raises
+TrainingInterrupted), and the choice of the checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -12,20 +12,28 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from kninfer.errors import KninferError
-from kninfer.train.losses import TERMS, loss_terms
+from kninfer.train.losses import TERMS, kd_terms, loss_terms
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what `kill`, `docker stop` and job schedulers send
 CHECKPOINT_FILES = {  # what a finished save holds besides trainer_state.json (plain, DDP, FSDP or DeepSpeed)
     "weights": ("model*.safetensors", "pytorch_model*"),
     "optimizer state": ("optimizer*", "global_step*"),
 }
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after `step`, with a checkpoint to resume in `checkpoints` (None: none)."""
+
+    def __init__(self, step: int, checkpoints: Path | None) -> None:
+        super().__init__(step, checkpoints)
+        self.step, self.checkpoints = step, checkpoints
 
 
 class StopOnInterrupt(TrainerCallback):
@@ -54,6 +62,12 @@ class StopOnInterrupt(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def checkpoints_beside(out: str | Path) -> Path:
+    """`OUT.checkpoints`: where training for the output `out` keeps its resumable checkpoints by default."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
 
 
 def last_checkpoint(folder: str | Path) -> str | None:
@@ -87,17 +101,19 @@ def use_eager_attention(model: PreTrainedModel) -> None:
 
 
 class DistillTrainer(Trainer):
-    """A Trainer whose loss is Σ alphas[name]·term over the KD mode's terms (ILKD, vanilla KD, or plain CE)."""
+    """A Trainer whose loss is Σ alphas[name]·term over the KD mode's terms (ILKD, vanilla KD, or plain CE).
+
+    A loss of several terms also logs each one (`loss_<term>`); a single term logs only `loss`, as Trainer does.
+    """
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None = None, kd: str = "none",
                  alphas: dict[str, float] | None = None, temperature: float = 2.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if kd not in TERMS:
-            raise KninferError(f"unknown KD mode '{kd}': expected one of {', '.join(TERMS)}")
+        terms = kd_terms(kd)
         if kd != "none" and teacher is None:
             raise KninferError(f"--kd {kd} needs a teacher")
         self.kd, self.temperature = kd, temperature
-        self.alphas = alphas or {name: 1.0 for name in TERMS[kd]}
+        self.alphas = alphas or {name: 1.0 for name in terms}
         self.model_accepts_loss_kwargs = False  # terms are means: Trainer divides by the accumulation steps
         self.teacher = None if kd == "none" else teacher.eval().requires_grad_(False).to(self.args.device)
         if kd == "ilkd":
@@ -122,7 +138,7 @@ class DistillTrainer(Trainer):
             mask = torch.ones_like(inputs["input_ids"])
         terms = loss_terms(self.kd, outputs, teacher_outputs, mask, self.temperature)
         loss = sum(self.alphas[name] * terms[name] for name in TERMS[self.kd])
-        if model.training:
+        if model.training and len(terms) > 1:
             for name, value in terms.items():
                 self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().float()
             self._term_steps += 1
@@ -153,24 +169,26 @@ def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 
 def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: PreTrainedModel | None = None,
         kd: str = "none", alphas: dict[str, float] | None = None, temperature: float = 2.0,
-        collator: Any = None, resume: bool = False, callbacks: list[TrainerCallback] | None = None,
-        **options: Any) -> DistillTrainer:
+        collator: Any = None, eval_dataset: Any = None, resume: bool | Literal["auto"] = False,
+        callbacks: list[TrainerCallback] | None = None, **options: Any) -> DistillTrainer:
     """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
 
-    With `resume`, training continues from the last `checkpoint-N` there (same optimizer, scheduler, RNG and
-    data position). Check `trainer.interrupt.requested`: True when Ctrl-C or SIGTERM stopped it at a saved
-    checkpoint.
+    With `resume`, training continues from the last complete `checkpoint-N` there (same optimizer, scheduler,
+    RNG and data position): True requires one, "auto" uses one if there is. `eval_dataset` is scored by the
+    `eval_strategy` option. Ctrl-C or SIGTERM stops at the end of the step with a checkpoint and raises
+    TrainingInterrupted.
     """
     gpu = torch.cuda.is_available()  # on CPU, use_cpu is what makes torchrun's ranks a gloo process group
     defaults: dict[str, Any] = {"report_to": [], "save_total_limit": 2, "logging_steps": 10, "save_steps": 500,
                                 "use_cpu": not gpu, "dataloader_pin_memory": gpu}
     args = TrainingArguments(output_dir=str(checkpoints), **(defaults | options))
-    trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                             callbacks=callbacks, teacher=teacher, kd=kd, alphas=alphas, temperature=temperature)
-    checkpoint = None
-    if resume:
-        checkpoint = last_checkpoint(checkpoints)
-        if checkpoint is None:
-            raise KninferError(f"--resume: no complete checkpoint-N folder in '{checkpoints}'")
+    trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                             data_collator=collator, callbacks=callbacks, teacher=teacher, kd=kd, alphas=alphas,
+                             temperature=temperature)
+    checkpoint = last_checkpoint(checkpoints) if resume else None
+    if resume is True and checkpoint is None:
+        raise KninferError(f"--resume: no complete checkpoint-N folder in '{checkpoints}'")
     trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.interrupt.requested:
+        raise TrainingInterrupted(trainer.state.global_step, Path(checkpoints))
     return trainer

@@ -18,30 +18,30 @@ def compress(
                                              "or a JSON spec file.")] = "kngpt2",
     tie_head: Annotated[bool, typer.Option(help="LM head reuses the Kronecker embedding (A @ (H @ Bᵀ)).")] = False,
     init: Annotated[str | None, typer.Option(help="van-loan, van-loan-rescaled (krony-pt default) or pruning.")] = None,
-    target_params: Annotated[int | None, typer.Option(help="krony-pt: total parameters to aim for.")] = None,
-    rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.")] = 1,
+    target_params: Annotated[int | None, typer.Option(help="krony-pt: total parameters to aim for.", min=1)] = None,
+    rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.", min=1)] = 1,
     odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a dense GPT-2 into a Kronecker student initialised by the nearest Kronecker product."""
-    from kninfer.modeling.compress import compress as build
+    from kninfer import modeling
     from kninfer.modeling.compress import count_parameters
-    from kninfer.modeling.io import check_output, load, save
+    from kninfer.modeling.io import check_output
 
     check_output(out, overwrite)
-    dense, tokenizer = load(teacher)
+    dense, tokenizer = modeling.load(teacher)
     with console.status(f"factoring with preset {preset}"):
-        student, rows = build(dense, preset, tie_head=tie_head, init=init, target_params=target_params,
-                              rank=rank, odd_base=odd_base)
+        student, rows = modeling.compress(dense, preset, tie_head=tie_head, init=init, target_params=target_params,
+                                          rank=rank, odd_base=odd_base)
     print_layers(rows, count_parameters(dense), count_parameters(student), count_parameters(student, False))
-    save(student, out, tokenizer, overwrite=overwrite)
+    modeling.save(student, out, tokenizer, overwrite=overwrite)
     console.print(f"wrote {out}")
 
 
 def info(model: Annotated[str, typer.Argument(help="A saved model: directory, .pt file or hub name.")]) -> None:
     """Show a model's Kronecker layers (shapes and parameters) and its totals."""
+    from kninfer.modeling import load
     from kninfer.modeling.compress import count_parameters, report_rows
-    from kninfer.modeling.io import load
 
     loaded, _ = load(model)
     console.print(f"{model}: {type(loaded).__name__}, {loaded.config.n_layer} layers, d={loaded.config.n_embd}")

@@ -31,13 +31,13 @@ def pretrain(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train a GPT-2 language model and its tokenizer from scratch (plain causal-LM loss, HF Trainer)."""
-    from kninfer.train.pretrain import pretrain as run
+    from kninfer.train import pretrain as run
 
     try:
         run(data, out, n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, block_size=block_size,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype,
             overwrite=overwrite)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # TrainingInterrupted (a checkpoint was saved), or a second Ctrl-C
         console.print(f"interrupted: run the same command to continue from the last checkpoint in {out}.checkpoints")
         raise typer.Exit(130) from None
 

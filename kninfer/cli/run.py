@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from kninfer.cli import MAX_SEED, check_output_file, write_output
 from kninfer.errors import KninferError
+
+if TYPE_CHECKING:
+    from kninfer.runtime import LanguageModel, TextClassifier
+    from kninfer.runtime.classify import Prediction
 
 BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside).")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).", min=1)]
@@ -37,28 +43,24 @@ def generate(
                                                "'none': such a prompt is an error.")] = "none",
 ) -> None:
     """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
-    from kninfer.runtime.bundle import read_bundle
     from kninfer.runtime.generate import Sampling
-    from kninfer.runtime.generate import generate as run_generation
-    from kninfer.runtime.session import CausalLM
-    from kninfer.runtime.tokenizer import load_tokenizer
 
     if truncate not in ("none", "left"):
         raise KninferError(f"--truncate is {truncate!r}: expected 'none' or 'left'")
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
-    sampling.check()
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "repetition_penalty": repetition_penalty, "seed": seed, "stop": tuple(stop or ())}
+    Sampling(**sampling).check()  # before the bundle loads
     prompts = [_stdin_text() if p == "-" else _argv_text(p, f"--prompt {n}") for n, p in enumerate(prompt, 1)]
-    info = read_bundle(bundle)
-    tokenizer = load_tokenizer(info.tokenizer_path)
-    model = CausalLM(info, threads=threads, low_memory=low_memory)
-    streaming = stream and len(prompts) == 1
-    result = run_generation(model, tokenizer, prompts, sampling, truncate=truncate == "left",
-                            on_text=_write if streaming else None)
-    if streaming:
+    lm = _load(bundle, "causal-lm", "text generation", threads, low_memory)
+    if stream and len(prompts) == 1:
+        pieces = lm.stream(prompts[0], truncate=truncate == "left", **sampling)
+        for piece in pieces:
+            _write(piece)
         _write("\n")
-    for number, text in enumerate(result.texts, 1):
-        if not streaming:
+        result = pieces.result
+    else:
+        result = lm.complete(prompts, truncate=truncate == "left", **sampling)
+        for number, text in enumerate(result.texts, 1):
             _write(f"[{number}] {text}\n" if len(prompts) > 1 else f"{text}\n")
     print(result.summary(), file=sys.stderr)
 
@@ -76,56 +78,31 @@ def classify(
     low_memory: LowMemoryOption = False,
 ) -> None:
     """Classify sentences or pairs with a sequence-classification bundle; score a labelled TSV."""
-    import numpy as np
-    from rich.progress import Progress
-
-    from kninfer.runtime.bundle import read_bundle
-    from kninfer.runtime.classify import classify as run_classifier
-    from kninfer.runtime.classify import predict
-    from kninfer.runtime.session import Classifier
-    from kninfer.runtime.tokenizer import load_tokenizer
-
     if (file is None) == (not text):
         raise KninferError("give either --text (with --pair for pairs) or --file, not both and not neither")
-    if pair and len(pair) != len(text or []):
-        raise KninferError(f"{len(pair)} --pair for {len(text or [])} --text: give one --pair per --text")
     if out is not None:
         check_output_file(out)
-    info = read_bundle(bundle)
-    model = Classifier(info, threads=threads, low_memory=low_memory)
-    tokenizer = load_tokenizer(info.tokenizer_path)
-    gold = glue = None
-    if file is not None:
-        from kninfer.runtime.tasks import get_task, read_glue_tsv
-
-        if not (task or info.glue_task):
-            raise KninferError(f"'{info.directory}' names no glue_task: pass --task to read '{file}'")
-        glue = get_task(task or info.glue_task)
-        inputs, gold = read_glue_tsv(file, glue)
-        if not inputs:
-            raise KninferError(f"'{file}' has no rows to classify")
-    else:
-        columns = [[_argv_text(t, f"--{option} {n}") for n, t in enumerate(values, 1)]
-                   for option, values in (("text", text), ("pair", pair)) if values]
-        inputs = list(zip(*columns, strict=True))
-    with Progress(console=stderr, transient=True) as progress:
-        bar = progress.add_task("classifying", total=len(inputs))
-        logits = run_classifier(model, tokenizer, inputs, batch_size, lambda n: progress.advance(bar, n))
-    values, names = predict(model, logits)
+    texts = [_argv_text(t, f"--text {n}") for n, t in enumerate(text or [], 1)]
+    pairs = [_argv_text(t, f"--pair {n}") for n, t in enumerate(pair, 1)] if pair else None
+    model = _load(bundle, "sequence-classification", "classification", threads, low_memory)
+    with _progress("classifying") as progress:
+        if file is None:
+            predictions = model.classify(texts, pairs, batch_size=batch_size, progress=progress)
+        else:
+            result = model.classify_tsv(file, task=task, batch_size=batch_size, progress=progress)
     if file is None:
-        for name in names:
-            print(name)
+        for prediction in predictions:
+            print(_shown(prediction))
         return
-    rows = "index\tprediction\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(names))
+    rows = "index\tprediction\n" + "".join(f"{i}\t{_shown(p)}\n" for i, p in enumerate(result.predictions))
     if out is not None:
         write_output(out, rows)
         stderr.print(f"wrote {out}")
-    elif gold is None:
+    elif result.metrics is None:
         _write(rows)
-    if gold is not None:
-        scores = glue.metrics(np.asarray(values), gold)
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
-        print(f"{glue.name} {file.name}: {shown} ({len(gold)} rows)")
+    if result.metrics is not None:
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+        print(f"{result.task} {file.name}: {shown} ({len(result.predictions)} rows)")
 
 
 def eval_(
@@ -138,27 +115,43 @@ def eval_(
     low_memory: LowMemoryOption = False,
 ) -> None:
     """Sliding-window perplexity of a causal-LM bundle on a text file."""
-    from rich.progress import Progress
-
-    from kninfer.runtime.bundle import read_bundle
-    from kninfer.runtime.perplexity import lm_text, perplexity
-    from kninfer.runtime.session import CausalLM
-    from kninfer.runtime.tokenizer import encode, load_tokenizer
+    from kninfer.runtime.perplexity import lm_text
 
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise KninferError(f"cannot read '{text_file}' as UTF-8 text: {error}") from None
-    info = read_bundle(bundle)
-    if info.task != "causal-lm":
-        raise KninferError(f"'{bundle}' is a {info.task} bundle: perplexity needs a causal-lm bundle")
-    model = CausalLM(info, threads=threads, low_memory=low_memory)
-    ids = encode(load_tokenizer(info.tokenizer_path), lm_text(text))
-    with Progress(console=stderr, transient=True) as progress:
-        bar = progress.add_task("scoring", total=max(len(ids) - 1, 1))
-        result = perplexity(model, ids, stride, max_length, lambda n: progress.advance(bar, n))
+    lm = _load(bundle, "causal-lm", "perplexity", threads, low_memory)
+    with _progress("scoring") as progress:
+        result = lm.perplexity(lm_text(text), stride=stride, max_length=max_length, progress=progress)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats over {result.tokens} tokens of "
           f"{text_file.name})")
+
+
+def _load(bundle: Path, task: str, purpose: str, threads: int | None,
+          low_memory: bool) -> LanguageModel | TextClassifier:
+    """`kninfer.load` of the bundle, refused unless it is a `task` bundle."""
+    import kninfer
+
+    model = kninfer.load(bundle, threads=threads, low_memory=low_memory)
+    if model.info.task != task:
+        raise KninferError(f"'{bundle}' is a {model.info.task} bundle: {purpose} needs a {task} bundle")
+    return model
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr, and the (done, total) callback that moves it."""
+    from rich.progress import Progress
+
+    with Progress(console=stderr, transient=True) as progress:
+        bar = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(bar, completed=done, total=total)
+
+
+def _shown(prediction: Prediction) -> str:
+    """A prediction as printed: its label, or a regression value to 4 decimals."""
+    return prediction.label if prediction.label is not None else f"{prediction.score:.4f}"
 
 
 def _write(text: str) -> None:

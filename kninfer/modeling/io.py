@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +19,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import model_info
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
@@ -28,6 +31,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import cached_file
+from transformers.utils.hub import get_checkpoint_shard_files
 
 import kninfer.modeling  # noqa: F401  (registers kngpt2 with the Auto classes)
 from kninfer.atomic import atomic_path, check_folder_output
@@ -43,7 +47,8 @@ SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 NULLABLE_SUFFIX = "_token_id"  # token ids default to GPT-2's but may be null
-NULL_DEFAULT_TYPES = {"architectures": list, "n_inner": int, "dtype": str, "torch_dtype": str}  # null, or of this type
+# fields whose default is null: null, or of this type
+NULL_DEFAULT_TYPES = {"architectures": list, "n_inner": int, "pad_token_id": int, "dtype": str, "torch_dtype": str}
 HUB_TIMEOUT_S = 10
 
 
@@ -53,11 +58,6 @@ def load(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast |
         return _load_pt(Path(source))
     name, local_only = _locate(str(source))
     return _from_pretrained(name, local_only), _pretrained_tokenizer(name, local_only)
-
-
-def load_tokenizer(source: str | Path) -> PreTrainedTokenizerFast | None:
-    """The tokenizer of a Hugging Face directory or hub name, found as `load` finds models; None when it has none."""
-    return _pretrained_tokenizer(*_locate(str(source)))
 
 
 def save(model: PreTrainedModel, out: str | Path, tokenizer: PreTrainedTokenizerFast | None = None, *,
@@ -166,17 +166,38 @@ def _from_pretrained(name: str, local_only: bool) -> PreTrainedModel:
     """The model of a Hugging Face directory or hub name, from safetensors weights only."""
     if Path(name).is_dir():
         _check_directory(Path(name))
+    config = _config(_read_config(name, local_only), name)
+    with _loading_errors(name):
+        return _build_model(config, _safetensors_shapes(name, local_only), pretrained_model_name_or_path=name,
+                            use_safetensors=True, local_files_only=local_only)
+
+
+def _read_config(name: str, local_only: bool) -> Any:
+    """The parsed config.json of a directory or hub model."""
     try:
         with _quiet_libraries():
             config_file = cached_file(name, "config.json", local_files_only=local_only)
     except OSError as error:
         raise KninferError(f"'{name}': cannot read its config.json: {_first_line(error)}") from None
     try:
-        config_dict = json.loads(Path(config_file).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KninferError(f"'{name}': config.json is not valid JSON: {error}") from None
-    weights = {"pretrained_model_name_or_path": name, "use_safetensors": True, "local_files_only": local_only}
-    return _build_model(name, _config(config_dict, name), weights)
+        return json.loads(Path(config_file).read_text())
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, a 5000-digit number, [[[[... nested too deep
+        raise KninferError(f"'{name}': config.json is not valid JSON: {_first_line(error)}") from None
+
+
+def _safetensors_shapes(name: str, local_only: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a model's safetensors weights (one file or shards), read from their headers."""
+    with _quiet_libraries():
+        single = cached_file(name, SAFE_WEIGHTS[0], local_files_only=local_only,
+                             _raise_exceptions_for_missing_entries=False)
+        if single is None:
+            index = cached_file(name, SAFE_WEIGHTS[1], local_files_only=local_only)
+            files, _ = get_checkpoint_shard_files(name, index, local_files_only=local_only)
+    shapes = {}
+    for file in [single] if single else files:
+        with safe_open(file, "pt") as weights:
+            shapes.update((key, tuple(weights.get_slice(key).get_shape())) for key in weights.keys())  # noqa: SIM118
+    return shapes
 
 
 def _check_directory(path: Path) -> None:
@@ -238,34 +259,50 @@ def _same_json_type(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def _build_model(source: str, config: PretrainedConfig, weights: dict[str, Any]) -> PreTrainedModel:
-    """The model `config` describes with `weights` (from_pretrained's arguments), every key accounted for."""
-    try:
-        with _quiet_libraries():
-            model, info = model_class(config).from_pretrained(
-                config=config, output_loading_info=True, ignore_mismatched_sizes=True, **weights
-            )
-    except KninferError as error:
-        raise KninferError(f"'{source}': {error}") from None
-    except SafetensorError as error:
-        raise KninferError(f"'{source}': its weights file is corrupt: {_first_line(error)}") from None
-    except OSError as error:
-        raise KninferError(f"'{source}': cannot read its weights: {_first_line(error)}") from None
-    except (RuntimeError, ValueError, TypeError, KeyError, ZeroDivisionError) as error:
-        # a config transformers accepts can still fail to build a model: an unknown activation, a negative width,
-        # heads that do not divide it; the modules raise whatever their arithmetic does
-        detail = f"{type(error).__name__}: {_first_line(error)}"
-        raise KninferError(f"'{source}': cannot build a model from its config ({detail})") from None
-    _check_loading_info(source, info)
+def _build_model(config: PretrainedConfig, held: dict[str, tuple[int, ...]], **weights: Any) -> PreTrainedModel:
+    """The model `config` describes, loaded by from_pretrained(**weights) once the weights' shapes `held` fit it."""
+    architecture = model_class(config)
+    _check_fits(_empty_model(architecture, config, len(held)), held)
+    with _quiet_libraries():
+        model, info = architecture.from_pretrained(config=config, output_loading_info=True, **weights)
+    _check_keys(info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
     return model.eval()
 
 
-def _check_loading_info(source: str, info: dict[str, list]) -> None:
+def _empty_model(architecture: type[PreTrainedModel], config: PretrainedConfig, tensors: int) -> nn.Module:
+    """The model `config` describes on the meta device (no memory), unless it has more layers than `tensors`."""
+    layers = getattr(config, "num_hidden_layers", 0)
+    if layers > tensors:  # even empty, 10⁹ layers would take forever to build
+        raise KninferError(f"its config asks for {layers:,} layers, but its weights hold only {tensors} tensors")
+    with torch.device("meta"), _quiet_libraries():
+        return architecture(copy.deepcopy(config))  # a copy: building a model settles fields of its config
+
+
+def _check_fits(model: nn.Module, held: dict[str, tuple[int, ...]]) -> None:
+    """Raise unless the weights' shapes `held` give every tensor of `model` (tied ones once) in its shape."""
+    # from_pretrained would make up the others from the config: terabytes for a config that asks for n_embd 10⁹
+    expected = model.state_dict(keep_vars=True)
+    found = {_model_key(key, expected, model.base_model_prefix): shape for key, shape in held.items()}
+    first_names: dict[int, str] = {}
+    for key, tensor in expected.items():
+        first_names.setdefault(id(tensor), key)
+    missing = [key for key in first_names.values() if key not in found]
+    wrong = [key for key, shape in found.items() if key in expected and tuple(expected[key].shape) != shape]
+    if missing or wrong:
+        _check_keys(missing, [key for key in found if key not in expected], wrong)
+
+
+def _model_key(key: str, expected: dict[str, Any], prefix: str) -> str:
+    """`key` as the model names it: like transformers, add or drop the base model's prefix (`transformer.`)."""
+    return next((name for name in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if name in expected), key)
+
+
+def _check_keys(missing: list, unexpected: list, wrong_shape: list) -> None:
     """Raise when a weight is missing, unexpected or of the wrong shape: transformers only warns and initialises it."""
-    kinds = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "of the wrong shape"}
-    problems = [_listed(kind, info[key]) for key, kind in kinds.items() if info[key]]
+    kinds = {"missing": missing, "unexpected": unexpected, "of the wrong shape": wrong_shape}
+    problems = [_listed(kind, keys) for kind, keys in kinds.items() if keys]
     if problems:
-        raise KninferError(f"'{source}': its weights do not match its config: {'; '.join(problems)}")
+        raise KninferError(f"its weights do not match its config: {'; '.join(problems)}")
 
 
 def _listed(kind: str, keys: list) -> str:
@@ -275,14 +312,34 @@ def _listed(kind: str, keys: list) -> str:
 
 
 @contextmanager
+def _loading_errors(source: str) -> Iterator[None]:
+    """Turn what reading weights and building a model from a config raise into one line naming `source`."""
+    try:
+        yield
+    except KninferError as error:
+        raise KninferError(f"'{source}': {error}") from None
+    except SafetensorError as error:
+        raise KninferError(f"'{source}': its weights file is corrupt: {_first_line(error)}") from None
+    except OSError as error:
+        raise KninferError(f"'{source}': cannot read its weights: {_first_line(error)}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as error:
+        # a config transformers accepts can still fail to build a model: an unknown activation, a negative width,
+        # heads that do not divide it; the modules raise whatever their arithmetic does
+        detail = f"{type(error).__name__}: {_first_line(error)}"
+        raise KninferError(f"'{source}': cannot build a model from its config ({detail})") from None
+
+
+@contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """Silence transformers' and huggingface_hub's warnings (hub retries, weights 'newly initialized'): we raise."""
+    """Silence the libraries' logged and Python warnings (hub retries, weights 'newly initialized'): we raise."""
     loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -307,7 +364,9 @@ def _load_pt(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | Non
     state = _entry(payload, "state_dict", dict, path)
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
         raise KninferError(f"'{path}': its \"state_dict\" must map names to tensors")
-    model = _build_model(str(path), config, {"pretrained_model_name_or_path": None, "state_dict": state})
+    with _loading_errors(str(path)):
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+        model = _build_model(config, shapes, pretrained_model_name_or_path=None, state_dict=state)
     tokenizer = _tokenizer_from_payload(payload["tokenizer"], path) if "tokenizer" in payload else None
     return model, tokenizer
 

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import GPT2Config
 
 from kninfer.errors import KninferError
-from kninfer.kron import check_divides, check_positive, factor_shapes
+from kninfer.kron import check_divides, check_positive, check_rank, factor_shapes
 from kninfer.modeling.configuration_kngpt2 import FACTORS
 from kninfer.modeling.gpt2 import EMBEDDING, weight_shapes
 
@@ -40,6 +40,7 @@ def krony_pt_spec(config: GPT2Config, target_params: int | None = None, rank: in
         factor_shapes(inner, d, rank),
         key=lambda s: abs(dense_total - mlp_dense + 2 * s.params * config.n_layer - target),
     )
+    check_rank(rank, best.m1, best.n1, best.m2, best.n2)
     modules = {}
     for i in range(config.n_layer):
         fc = {"m1": best.m1, "n1": best.n1, "m2": best.m2, "n2": best.n2, "rank": rank}
@@ -66,7 +67,7 @@ def load_spec_file(path: str | Path, config: GPT2Config) -> dict[str, Any]:
     """A custom spec from JSON: {"modules": {pattern: {"m2": .., "n2": .., "rank": ..}}, "tie_head": ..}."""
     try:
         spec = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad UTF-8 or JSON
         raise KninferError(f"cannot read spec file '{path}': {error}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("modules"), dict):
         raise KninferError(f"spec file '{path}' must hold an object with a \"modules\" object")
@@ -74,10 +75,11 @@ def load_spec_file(path: str | Path, config: GPT2Config) -> dict[str, Any]:
 
 
 def _full_factors(path: str, shape: tuple[int, int], entry: Any) -> dict[str, int]:
+    """One module's explicit m1, n1, m2, n2 and rank from a spec entry with {m2, n2} or {m1, n1} (rank 1 unless set)."""
     out_features, in_features = shape
     if not isinstance(entry, dict) or not ({"m2", "n2"} <= entry.keys() or {"m1", "n1"} <= entry.keys()):
         raise KninferError(f"'{path}': a spec entry needs m2 and n2 (or m1 and n1), got {entry!r}")
-    factors = {key: entry[key] for key in FACTORS if key in entry}
+    factors = {"rank": 1} | {key: entry[key] for key in FACTORS if key in entry}
     try:
         check_positive(**factors)
         if {"m2", "n2"} <= factors.keys():
@@ -86,10 +88,12 @@ def _full_factors(path: str, shape: tuple[int, int], entry: Any) -> dict[str, in
         else:
             factors.setdefault("m2", out_features // factors["m1"])
             factors.setdefault("n2", in_features // factors["n1"])
-        check_divides(out_features, in_features, *(factors[key] for key in FACTORS[:4]))
+        m1, n1, m2, n2 = (factors[key] for key in FACTORS[:4])
+        check_divides(out_features, in_features, m1, n1, m2, n2)
+        check_rank(factors["rank"], m1, n1, m2, n2)
     except KninferError as error:
         raise KninferError(f"'{path}': {error}") from None
-    return {key: factors.get(key, 1) for key in FACTORS}
+    return {key: factors[key] for key in FACTORS}
 
 
 def _dense_params(config: GPT2Config) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -10,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from kninfer.errors import KninferError
+from kninfer.runtime.tokenizer import load_tokenizer
 
 FORMAT = "kninfer-bundle"
 FORMAT_VERSION = 2  # 2: {"models": {NAME.onnx: entry}}; 1 (still read): one graph, its entry at the top level
@@ -73,8 +77,8 @@ class Bundle:
 
     directory: Path
     onnx_path: Path
-    data_path: Path | None  # the graph's weights, when outside the .onnx file
-    tokenizer_path: Path | None  # None only from read_bundle(..., need_tokenizer=False)
+    data_path: Path | None  # the graph's weights, when outside the .onnx file (None from graph_bundle)
+    tokenizer_path: Path | None  # None from read_bundle(..., need_tokenizer=False) and graph_bundle
     task: str
     context_length: int
     vocab_size: int
@@ -89,12 +93,11 @@ class Bundle:
 
 def read_bundle(path: str | Path, need_tokenizer: bool = True) -> Bundle:
     """The bundle at `path`: a folder holding one graph, or a graph's .onnx file; checked before onnxruntime
-    opens anything (field types and ranges, files inside the folder, sha256 of graph and tokenizer)."""
+    opens anything (field types and ranges, files inside the folder, sha256 of graph and tokenizer). The tokenizer
+    itself is loaded once, by read_tokenizer."""
     directory, name, entry = _select(Path(path))
-    where = f"'{directory / METADATA_FILE}' ({name})"
-    _check_fields(entry, FIELDS, where)
-    _check_values(entry, where)
-    kv_cache = _kv_cache(entry, where)
+    bundle = graph_bundle(directory / name, entry)
+    where = _where(bundle.onnx_path)
     onnx_path = _existing(directory, name, where, "the bundle's model")
     data_file = entry.get("onnx_data_file")
     data_path = _existing(directory, data_file, where, "the file holding the model's weights") if data_file else None
@@ -103,13 +106,20 @@ def read_bundle(path: str | Path, need_tokenizer: bool = True) -> Bundle:
     if tokenizer_path is not None:
         _check_hash(tokenizer_path, entry.get("tokenizer_sha256"), directory)
     _check_external_data(directory, onnx_path)
-    if tokenizer_path is not None:
-        _check_tokenizer(tokenizer_path, entry["vocab_size"], where)
+    return dataclasses.replace(bundle, data_path=data_path, tokenizer_path=tokenizer_path)
+
+
+def graph_bundle(onnx_path: Path, entry: dict[str, Any]) -> Bundle:
+    """A graph and its kninfer.json entry as a Bundle, the entry checked (types, ranges, cache layout) but no file:
+    read_bundle adds the file checks; the export runs a graph this way before it publishes it."""
+    where = _where(onnx_path)
+    _check_fields(entry, FIELDS, where)
+    _check_values(entry, where)
     return Bundle(
-        directory=directory,
+        directory=onnx_path.parent,
         onnx_path=onnx_path,
-        data_path=data_path,
-        tokenizer_path=tokenizer_path,
+        data_path=None,
+        tokenizer_path=None,
         task=entry["task"],
         context_length=entry["context_length"],
         vocab_size=entry["vocab_size"],
@@ -118,9 +128,23 @@ def read_bundle(path: str | Path, need_tokenizer: bool = True) -> Bundle:
         labels=entry.get("labels"),
         glue_task=entry.get("glue_task"),
         max_input_length=entry.get("max_input_length") or entry["context_length"],
-        kv_cache=kv_cache,
+        kv_cache=_kv_cache(entry, where),
         meta=entry,
     )
+
+
+def read_tokenizer(bundle: Bundle) -> Tokenizer:
+    """The bundle's tokenizer, refused when it has ids past the model's vocabulary (onnxruntime would fail at the
+    first such token)."""
+    where = _where(bundle.onnx_path)
+    if bundle.tokenizer_path is None:
+        raise KninferError(f"{where} has no tokenizer: export the model with `--tokenizer DIR|tokenizer.json`")
+    tokenizer = load_tokenizer(bundle.tokenizer_path)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > bundle.vocab_size:
+        raise KninferError(f"{where}: the tokenizer '{bundle.tokenizer_path}' has {size} tokens, the model's "
+                           f"vocabulary {bundle.vocab_size}: they do not belong together")
+    return tokenizer
 
 
 def read_models(directory: Path) -> dict[str, dict[str, Any]]:
@@ -186,6 +210,11 @@ def _select(path: Path) -> tuple[Path, str, dict[str, Any]]:
                            f"{', '.join(str(directory / name) for name in models)}")
     (name, entry), = models.items()
     return directory, name, entry
+
+
+def _where(onnx_path: Path) -> str:
+    """How messages name a graph's entry: its folder's kninfer.json and the graph's file name."""
+    return f"'{onnx_path.parent / METADATA_FILE}' ({onnx_path.name})"
 
 
 def _read_json(meta_path: Path) -> Any:
@@ -310,16 +339,6 @@ def _check_external_data(directory: Path, onnx_path: Path) -> None:
         raise KninferError(f"'{onnx_path}' is not a loadable ONNX model: {error}") from None
     for location in locations:
         _inside(directory, location, f"'{onnx_path}' reads external data from a file that")
-
-
-def _check_tokenizer(path: Path, vocab_size: int, where: str) -> None:
-    """The tokenizer's ids must exist in the graph's embedding, or onnxruntime fails on the first such token."""
-    from kninfer.runtime.tokenizer import load_tokenizer
-
-    size = load_tokenizer(path).get_vocab_size(with_added_tokens=True)
-    if size > vocab_size:
-        raise KninferError(f"{where}: the tokenizer '{path}' has {size} tokens, the model's vocabulary "
-                           f"{vocab_size}: they do not belong together")
 
 
 def _walk(data: mmap.mmap, start: int, end: int, message: str, found: set[str]) -> None:

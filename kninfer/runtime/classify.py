@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -11,6 +12,14 @@ from kninfer.errors import KninferError
 from kninfer.runtime.session import Classifier
 from kninfer.runtime.tasks import input_text
 from kninfer.runtime.tokenizer import encode, pad
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's label and its probability; a regression model's (one output) has no label, its value as score."""
+
+    label: str | None
+    score: float
 
 
 def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], max_length: int) -> list[list[int]]:
@@ -27,8 +36,9 @@ def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], max_lengt
 
 
 def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ...]], batch_size: int = 16,
-             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Logits (len(inputs), num_labels); inputs of similar length share a batch to pad little."""
+             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Logits (len(inputs), num_labels); inputs of similar length share a batch to pad little. `progress` is
+    called after each batch with (inputs done, inputs)."""
     encoded = encode_inputs(tokenizer, inputs, model.bundle.max_input_length)
     order = np.argsort([len(ids) for ids in encoded], kind="stable")
     logits: np.ndarray | None = None
@@ -38,19 +48,18 @@ def classify(model: Classifier, tokenizer: Tokenizer, inputs: list[tuple[str, ..
         if logits is None:
             logits = np.empty((len(encoded), batch.shape[-1]), np.float32)
         logits[chunk] = batch
-        if on_batch is not None:
-            on_batch(len(chunk))
+        if progress is not None:
+            progress(start + len(chunk), len(order))
     return logits
 
 
-def predict(model: Classifier, logits: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Predicted class ids (argmax) or regression scores, and the same as text: label names or numbers."""
-    labels = model.bundle.labels
-    if labels is None:
-        scores = logits[:, 0]
-        return scores, [f"{score:.4f}" for score in scores.tolist()]
-    if logits.shape[-1] != len(labels):
-        raise KninferError(f"'{model.bundle.onnx_path}' returns {logits.shape[-1]} logits but kninfer.json lists "
-                           f"{len(labels)} labels")
+def predictions(logits: np.ndarray, labels: list[str] | None) -> list[Prediction]:
+    """Per row of logits: the argmax label and its softmax probability; one output (transformers' rule for
+    regression) or no labels: the output itself."""
+    if labels is None or logits.shape[-1] == 1:
+        return [Prediction(None, score) for score in logits[:, 0].tolist()]
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
     ids = logits.argmax(axis=-1)
-    return ids, [labels[i] for i in ids.tolist()]
+    chosen = probs[np.arange(len(ids)), ids]
+    return [Prediction(labels[i], p) for i, p in zip(ids.tolist(), chosen.tolist(), strict=True)]

@@ -1,9 +1,9 @@
-"""Text generation on a causal-LM bundle: greedy or sampled decoding with the KV cache, numpy only."""
+"""Text generation on a causal-LM bundle: greedy or sampled decoding with the KV cache, streaming, numpy only."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +48,9 @@ class Generation:
     texts: list[str]
     token_ids: list[list[int]]
     prompt_tokens: int
-    prefill_ms: float
-    decode_ms: float
-    decode_steps: int
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0  # picking tokens and the cached steps, not the time a consumer holds a step
+    decode_steps: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -67,11 +67,10 @@ class Generation:
 
 @dataclass
 class _Row:
-    """One prompt's new tokens, their text, and how much of it was already streamed."""
+    """One prompt's new tokens and their text."""
 
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    streamed: int = 0
     done: bool = False
 
 
@@ -93,13 +92,6 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str], context: int, max_n
             ids = ids[-max(context - max_new_tokens, (context + 1) // 2):]
         encoded.append(ids)
     return encoded
-
-
-def position_ids(mask: np.ndarray, length: int) -> np.ndarray:
-    """The last `length` positions, as transformers' generate() builds them: cumsum(mask) - 1, padding at 1."""
-    positions = np.cumsum(mask, axis=1) - 1
-    positions[mask == 0] = 1
-    return positions[:, -length:]
 
 
 def next_tokens(logits: np.ndarray, history: list[list[int]], sampling: Sampling,
@@ -133,23 +125,60 @@ def next_tokens(logits: np.ndarray, history: list[list[int]], sampling: Sampling
     return np.minimum((np.cumsum(probs, axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1)
 
 
-def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling = Sampling(),
-             truncate: bool = False, on_text: Callable[[str], None] | None = None) -> Generation:
-    """Continue each prompt until EOS, a stop string, max_new_tokens or the context is reached.
-
-    `on_text` receives the first prompt's new text piece by piece as it is decoded (for streaming).
-    """
+def decoding(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling = Sampling(),
+             truncate: bool = False) -> Iterator[Generation]:
+    """Continue each prompt (a left-padded batch) until EOS, a stop string, max_new_tokens or the context is reached,
+    yielding the Generation after each new token: one object, updated in place, complete after the last yield.
+    Bad settings and prompts raise here, before the first step."""
     sampling.check()
+    prompt_ids = encode_prompts(tokenizer, prompts, model.bundle.context_length, sampling.max_new_tokens, truncate)
+    return _steps(model, tokenizer, prompt_ids, sampling)
+
+
+def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling = Sampling(),
+             truncate: bool = False) -> Generation:
+    """The finished Generation of `decoding`: its last yield."""
+    *_, finished = decoding(model, tokenizer, prompts, sampling, truncate)
+    return finished
+
+
+class TextStream(Iterator[str]):
+    """One prompt's new text as it is decoded, in pieces that can no longer change; `result` is the Generation so
+    far, whole once the stream is exhausted."""
+
+    def __init__(self, steps: Iterator[Generation], stop: tuple[str, ...]) -> None:
+        self.result: Generation | None = None
+        self._pieces = self._settled_pieces(steps, stop)
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _settled_pieces(self, steps: Iterator[Generation], stop: tuple[str, ...]) -> Iterator[str]:
+        """Hold back a partial UTF-8 character (U+FFFD) and a tail that begins a stop string until the end."""
+        shown, text = 0, ""
+        for generation in steps:
+            self.result, text = generation, generation.texts[0]
+            end = len(text.rstrip("\ufffd"))
+            end -= max((k for s in stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+            if end > shown:
+                yield text[shown:end]
+                shown = end
+        if len(text) > shown:
+            yield text[shown:]
+
+
+def _steps(model: CausalLM, tokenizer: Tokenizer, prompt_ids: list[list[int]],
+           sampling: Sampling) -> Iterator[Generation]:
     bundle = model.bundle
-    prompt_ids = encode_prompts(tokenizer, prompts, bundle.context_length, sampling.max_new_tokens, truncate)
     ids, mask = pad(prompt_ids, bundle.pad_token_id, side="left")
     rng = np.random.default_rng(sampling.seed)
-    rows = [_Row() for _ in prompts]
-
+    rows = [_Row() for _ in prompt_ids]
+    generation = Generation(texts=[""] * len(rows), token_ids=[row.ids for row in rows],
+                            prompt_tokens=sum(len(p) for p in prompt_ids))
     start = time.perf_counter()
-    logits, cache = model.forward(ids, mask, position_ids(mask, ids.shape[1]), model.empty_cache(len(prompts)))
-    prefill_done = time.perf_counter()
-    steps = 0
+    logits, cache = model.prefill(ids, mask)
+    generation.prefill_ms = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
     while True:
         history = [p + r.ids for p, r in zip(prompt_ids, rows, strict=True)] if sampling.repetition_penalty != 1 else []
         tokens = next_tokens(logits[:, -1], history, sampling, rng)
@@ -159,19 +188,17 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling
         if mask.shape[1] + 1 >= bundle.context_length:  # prompt and new tokens fill the context
             for row in rows:
                 row.done = True
-        if on_text is not None:
-            _stream(rows[0], sampling.stop, on_text)
+        generation.texts = [row.text for row in rows]
+        generation.decode_ms += (time.perf_counter() - start) * 1e3
+        yield generation
         if all(row.done for row in rows):
-            break
+            return
+        start = time.perf_counter()
         # finished rows keep feeding padding, as transformers' generate() does
         feed = np.where([row.done for row in rows], bundle.pad_token_id, tokens)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
-        logits, cache = model.forward(feed, mask, position_ids(mask, 1), cache)
-        steps += 1
-    end = time.perf_counter()
-    return Generation(texts=[row.text for row in rows], token_ids=[row.ids for row in rows],
-                      prompt_tokens=sum(len(p) for p in prompt_ids), prefill_ms=(prefill_done - start) * 1e3,
-                      decode_ms=(end - prefill_done) * 1e3, decode_steps=steps)
+        logits, cache = model.step(feed, mask, cache)
+        generation.decode_steps += 1
 
 
 def _append(row: _Row, token: int, tokenizer: Tokenizer, eos_id: int, sampling: Sampling) -> None:
@@ -186,15 +213,3 @@ def _append(row: _Row, token: int, tokenizer: Tokenizer, eos_id: int, sampling: 
         row.text, row.done = row.text[:min(hits)], True
     elif len(row.ids) >= sampling.max_new_tokens:
         row.done = True
-
-
-def _stream(row: _Row, stop: tuple[str, ...], on_text: Callable[[str], None]) -> None:
-    """Hand over the text that can no longer change: not a partial UTF-8 character, nor a stop string's start."""
-    end = len(row.text)
-    if not row.done:
-        end = len(row.text.rstrip("\ufffd"))
-        held = max((k for s in stop for k in range(1, len(s)) if row.text[:end].endswith(s[:k])), default=0)
-        end -= held
-    if end > row.streamed:
-        on_text(row.text[row.streamed:end])
-        row.streamed = end

@@ -75,6 +75,14 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def position_ids(attention_mask: np.ndarray, length: int) -> np.ndarray:
+    """Positions of the last `length` tokens, as transformers' generate() builds them: cumsum(mask) - 1, padding
+    at 1."""
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    positions[attention_mask == 0] = 1
+    return positions[:, -length:]
+
+
 class CausalLM:
     """A causal-LM bundle: one graph for the prompt and for every later step, the KV cache fed back."""
 
@@ -96,10 +104,16 @@ class CausalLM:
         _check_dims(bundle, _output(self.session, "logits"), {-1: bundle.vocab_size})
         self.cache_dtype = NUMPY_TYPES.get(inputs[self.past_names[0]].type, np.float32)
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        """A cache of length 0: what the first step (the prompt) takes."""
-        shape = (batch, self.kv.num_heads, 0, self.kv.head_dim)
-        return [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits (batch, seq, vocab) of a prompt (left-padded if a batch) and the cache it leaves."""
+        shape = (len(input_ids), self.kv.num_heads, 0, self.kv.head_dim)
+        return self.step(input_ids, attention_mask, [np.zeros(shape, self.cache_dtype) for _ in self.past_names])
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of `input_ids` (batch, new) after `cache`, and the cache grown by them; `attention_mask` covers
+        the cache and the new tokens."""
+        return self.forward(input_ids, attention_mask, position_ids(attention_mask, input_ids.shape[1]), cache)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -129,4 +143,8 @@ class Classifier:
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits (batch, num_labels) as float32."""
         (logits,) = _run(self, ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
+        labels = self.bundle.labels
+        if labels is not None and logits.shape[-1] != len(labels):  # a symbolic size passes the check at load
+            raise _mismatch(self.bundle, f"logits has size {logits.shape[-1]}, kninfer.json lists {len(labels)} "
+                                         "labels")
         return logits.astype(np.float32, copy=False)
