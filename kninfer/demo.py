@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -17,6 +16,7 @@ from kninfer.errors import KninferError
 
 EMBEDDED_TEACHER = files("kninfer") / "data" / "sotu-gpt2"
 HELDOUT_TEXT = files("kninfer") / "data" / "heldout-sotu.txt"
+ILKD_ALPHAS = {"embedding": 1.0, "attention": 1.0, "hidden": 1.0, "ce": 1.0}  # the demo's weights: CE not starved
 
 
 @dataclass
@@ -55,18 +55,14 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
              overwrite: bool = False) -> list[ModelRow]:
     """Run the whole pipeline into `out`; returns the summary rows (also written to out/summary.json)."""
     from datasets import Dataset
-    from transformers import default_data_collator
 
-    from kninfer.export.bundle import export_bundle
-    from kninfer.modeling.compress import compress, count_parameters
-    from kninfer.modeling.io import check_output, load, save
-    from kninfer.runtime.bundle import read_bundle
-    from kninfer.runtime.generate import Sampling, generate
-    from kninfer.runtime.session import CausalLM
-    from kninfer.runtime.tokenizer import load_tokenizer
-    from kninfer.train.data import lm_blocks, load_lm_text
+    import kninfer
+    from kninfer.export import export
+    from kninfer.modeling import compress, load, save
+    from kninfer.modeling.compress import count_parameters
+    from kninfer.modeling.io import check_output
+    from kninfer.train import distill
     from kninfer.train.eval_lm import perplexity
-    from kninfer.train.trainer import fit
 
     check_output(out / "student", overwrite)
     started = time.perf_counter()
@@ -89,25 +85,22 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
 
     step(f"[2/5] distil: ILKD, {steps} steps on {'--data ' + data if data else 'text sampled from the teacher'}")
     if data:
-        dataset = lm_blocks(load_lm_text(data, "train"), tokenizer, block_size, max_samples=steps * batch_size)
+        dataset = data
     else:
         blocks = sample_blocks(teacher, min(steps * batch_size, 512), block_size, seed)
         dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks),
                                      "labels": blocks})
-    with tempfile.TemporaryDirectory() as scratch:  # save_strategy="no": Trainer only needs an output_dir
-        trainer = fit(student, dataset, Path(scratch), teacher=teacher, kd="ilkd", collator=default_data_collator,
-                      max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, seed=seed,
-                      lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no",
-                      logging_steps=max(steps // 10, 1), disable_tqdm=False, use_cpu=not torch.cuda.is_available())
-    student = trainer.model.eval()
+    student = distill(student, dataset, teacher=teacher, tokenizer=tokenizer, alphas=ILKD_ALPHAS,
+                      block_size=block_size, batch_size=batch_size, lr=lr, max_steps=steps,
+                      max_samples=steps * batch_size, seed=seed, logging_steps=max(steps // 10, 1), log=log,
+                      lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no", disable_tqdm=False).eval()
     save(student, out / "student", tokenizer, overwrite=overwrite)
     rows.append(ModelRow("kngpt2 + ILKD", count_parameters(student), None, None, ppl(student)))
 
     step("[3/5] export: ONNX with KV cache, verified against PyTorch")
-    tokenizer_json = tokenizer.backend_tokenizer.to_str()
     bundles = {}
     for row, model, name in ((rows[0], teacher, "teacher"), (rows[2], student, "student")):
-        report = export_bundle(model, out / name / "model.onnx", tokenizer_json=tokenizer_json)
+        report = export(model, out / name / "model.onnx", tokenizer=tokenizer, log=lambda _: None)
         bundles[name] = report.onnx_path
         row.onnx_mb = report.bytes / 1e6
         log(f"      {name}: {report.onnx_path} ({row.onnx_mb:.1f} MB, {report.nodes} nodes, "
@@ -115,15 +108,13 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
 
     step("[4/5] generate with onnxruntime")
     torch.set_num_threads(1)  # leave the cores to onnxruntime
-    sampling = Sampling(max_new_tokens=48, temperature=0.8, top_k=40, seed=seed)
     texts = {}
     for row, name in ((rows[0], "teacher"), (rows[2], "student")):
-        bundle = read_bundle(bundles[name])
-        lm, runtime_tokenizer = CausalLM(bundle), load_tokenizer(bundle.tokenizer_path)
-        generate(lm, runtime_tokenizer, [prompt], Sampling(max_new_tokens=8))  # warm-up
-        timed = generate(lm, runtime_tokenizer, [prompt], Sampling(max_new_tokens=64))
+        lm = kninfer.load(bundles[name])
+        lm.generate(prompt, max_new_tokens=8)  # warm-up
+        timed = lm.complete([prompt], max_new_tokens=64)
         row.ms_per_token = timed.decode_ms / max(timed.decode_steps, 1)
-        texts[name] = generate(lm, runtime_tokenizer, [prompt], sampling).texts[0]
+        texts[name] = lm.generate(prompt, max_new_tokens=48, temperature=0.8, top_k=40, seed=seed)
         log(f"      {name}: {prompt}{texts[name]}")
 
     seconds = time.perf_counter() - started

@@ -32,9 +32,14 @@ def demo(
     from rich.table import Table
 
     from kninfer.demo import run_demo
+    from kninfer.train import TrainingInterrupted
 
-    rows = run_demo(out, teacher, data, steps, block_size, batch_size, lr, prompt, eval_text, seed, log=console.print,
-                    overwrite=overwrite)
+    try:
+        rows = run_demo(out, teacher, data, steps, block_size, batch_size, lr, prompt, eval_text, seed,
+                        log=console.print, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        console.print(f"demo interrupted at distillation step {stop.step}; nothing was written to {out}/student")
+        raise typer.Exit(130) from None
     table = Table(title=f"kninfer demo ({out})")
     for column in ("model", "parameters", "ONNX MB", "ms/token (ORT)", "held-out perplexity"):
         table.add_column(column, justify="left" if column == "model" else "right")
