@@ -23,7 +23,7 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 def untie_heads(model: onnx.ModelProto) -> None:
     """Gemm(h, E, transB=1) on a table that a Gather also reads -> MatMul(h, Eᵀ): the int8 head then gets its own
-    quantized weight instead of staying fp32 (DESIGN.md, the tied-head int8 trap). Where the ids' rank is known,
+    quantized weight instead of staying fp32 (docs/architecture.md, "ONNX graph rules"). Where the ids' rank is known,
     the Gather reads Eᵀ too (axis 1, then a Transpose), so after rewire_gathers no fp32 copy of E is left."""
     graph, inferred = model.graph, onnx.shape_inference.infer_shapes(model).graph
     initializers = {t.name: t for t in graph.initializer}

@@ -1,7 +1,8 @@
 """Kronecker-factored layers: W = sum_k A_k ⊗ B_k, applied without ever forming W.
 
-Convention (DESIGN.md): W is (out, in) as in nn.Linear, A: (r, m1, n1), B: (r, m2, n2),
-out = m1*m2, in = n1*n2 and W[i1*m2 + i2, j1*n2 + j2] = sum_k A[k, i1, j1] * B[k, i2, j2].
+Convention (docs/architecture.md, "The Kronecker convention"): W is (out, in) as in nn.Linear,
+A: (r, m1, n1), B: (r, m2, n2), out = m1*m2, in = n1*n2,
+W[i1*m2 + i2, j1*n2 + j2] = sum_k A[k, i1, j1] * B[k, i2, j2].
 Forward: X = x.reshape(..., n1, n2), Y = sum_k A_k @ X @ B_k.T, y = Y.reshape(..., m1*m2).
 """
 
@@ -46,7 +47,7 @@ def rearrange(W: torch.Tensor, m1: int, n1: int, m2: int, n2: int) -> torch.Tens
 
 
 def kron_sum(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """sum_k A_k ⊗ B_k as a dense (m1*m2, n1*n2) matrix: for tests and `--dense` export only."""
+    """sum_k A_k ⊗ B_k as a dense (m1*m2, n1*n2) matrix: the init error, `--dense` export and tests."""
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
     return torch.einsum("kac,kbd->abcd", A, B).reshape(m1 * m2, n1 * n2)
@@ -155,7 +156,7 @@ def reshape_tail(x: torch.Tensor, count: int, tail: tuple[int, ...]) -> torch.Te
 
 
 class KroneckerLinear(nn.Module):
-    """y = (sum_k A_k ⊗ B_k) x + bias, computed as sum_k A_k X B_kᵀ in the cheaper order."""
+    """y = (sum_k A_k ⊗ B_k) x + bias, computed as sum_k A_k X B_kᵀ in a form chosen by shape (see forward)."""
 
     def __init__(
         self, in_features: int, out_features: int, m1: int, n1: int, m2: int, n2: int,
@@ -169,8 +170,6 @@ class KroneckerLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, m1, n1))
         self.B = nn.Parameter(torch.empty(rank, m2, n2))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        a_first, b_first = matmul_costs(m1, n1, m2, n2)
-        self.a_first = a_first <= b_first
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:

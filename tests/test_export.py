@@ -109,7 +109,8 @@ def test_balanced_factors_match_torch(balanced, rank):
 
 
 def test_blocks_reshape_to_constant_targets(exported):
-    """DESIGN.md "Static reshapes": no size-based reshape (Shape node) inside any block; the mask is built once."""
+    """docs/architecture.md, "ONNX graph rules" (static reshapes): no size-based reshape (Shape node) inside any
+    block; the mask is built once."""
     for name in ("kngpt2-tied", "gpt2"):
         graph = onnx.load(str(exported[name])).graph
         assert not [n.name for n in graph.node if n.op_type == "Shape" and "/h." in n.name], name
