@@ -32,6 +32,7 @@ from kninfer.export.dense import densify
 from kninfer.export.onnx_config import TASKS, export_onnx
 from kninfer.export.verify import TOLERANCE, Verification, check_graph, top1_agreement, verify_graph
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
+from kninfer.modeling.io import is_classifier
 from kninfer.runtime.bundle import (
     FILE_FIELDS,
     HASH_FIELDS,
@@ -149,11 +150,11 @@ def _version() -> str:
 
 
 def _check_task(model: PreTrainedModel, task: str) -> None:
-    is_classifier = type(model).__name__.endswith("ForSequenceClassification")
-    if is_classifier != (task == "sequence-classification"):
+    classifier = is_classifier(model)
+    if classifier != (task == "sequence-classification"):
         raise KninferError(f"task '{task}' does not fit a {type(model).__name__}: use --task "
-                           f"{'sequence-classification' if is_classifier else 'causal-lm'}")
-    if is_classifier and model.config.pad_token_id is None:
+                           f"{'sequence-classification' if classifier else 'causal-lm'}")
+    if classifier and model.config.pad_token_id is None:
         raise KninferError("a classifier needs config.pad_token_id (the bundle pads with eos on the right)")
 
 

@@ -7,6 +7,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 from kninfer.kron import KroneckerEmbedding
 from kninfer.modeling.gpt2 import EMBEDDING, dense_weight, weight_shapes
+from kninfer.modeling.io import is_classifier
 
 
 @torch.no_grad()
@@ -18,8 +19,7 @@ def densify(model: PreTrainedModel) -> PreTrainedModel:
     tied = isinstance(model.transformer.wte, KroneckerEmbedding) and model.config.kronecker.get("tie_head")
     config = GPT2Config(**{**fields, "tie_word_embeddings": bool(tied or not isinstance(model.transformer.wte,
                                                                                           KroneckerEmbedding))})
-    is_classifier = model.config.architectures and model.config.architectures[0].endswith("SequenceClassification")
-    dense = (GPT2ForSequenceClassification if is_classifier else GPT2LMHeadModel)(config).eval()
+    dense = (GPT2ForSequenceClassification if is_classifier(model) else GPT2LMHeadModel)(config).eval()
     state = dense.state_dict()
     own = model.state_dict()
     state.update({k: v for k, v in own.items() if k in state and state[k].shape == v.shape})

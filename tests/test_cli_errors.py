@@ -45,43 +45,10 @@ def _one_line_error(result: tuple[int, str, str], expected: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def lm_bundle(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> Path:
-    from kninfer.export.bundle import export_bundle
-
-    path = tmp_path_factory.mktemp("lm")
-    export_bundle(tiny_teacher, path / "model.onnx", tokenizer_json=gpt2_tokenizer.backend_tokenizer.to_str(),
-                  verify=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_config):
-    from transformers import GPT2ForSequenceClassification
-
-    torch.manual_seed(1)
-    config = tiny_config.__class__(**{**tiny_config.to_dict(), "num_labels": 2, "pad_token_id": 50256,
-                                      "id2label": {0: "negative", 1: "positive"}})
-    config.glue_task = "sst2"
-    model = GPT2ForSequenceClassification(config).eval()
-    model.config.architectures = [type(model).__name__]
-    return model
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory, classifier, gpt2_tokenizer) -> Path:
+def classifier_dir(tmp_path_factory, sst2_classifier, gpt2_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("clf")
-    classifier.save_pretrained(path)
+    sst2_classifier.save_pretrained(path)
     gpt2_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def classifier_bundle(tmp_path_factory, classifier, gpt2_tokenizer) -> Path:
-    from kninfer.export.bundle import export_bundle
-
-    path = tmp_path_factory.mktemp("clf-bundle")
-    export_bundle(classifier, path / "model.onnx", task="sequence-classification", verify=False,
-                  tokenizer_json=gpt2_tokenizer.backend_tokenizer.to_str())
     return path
 
 
@@ -129,9 +96,9 @@ def test_bad_option_values(monkeypatch, capsys, args, expected):
     _one_line_error(_main(monkeypatch, capsys, *args), expected)
 
 
-def test_bad_text_and_wrong_models(monkeypatch, capsys, lm_bundle, classifier_bundle, classifier_dir,
+def test_bad_text_and_wrong_models(monkeypatch, capsys, gpt2_bundle, sst2_bundle, classifier_dir,
                                    tiny_teacher_dir, files):
-    lm, clf, teacher = str(lm_bundle), str(classifier_bundle), str(tiny_teacher_dir)
+    lm, clf, teacher = str(gpt2_bundle), str(sst2_bundle), str(tiny_teacher_dir)
     cases = [
         (["generate", lm, "--prompt", "fine", "--prompt", "\udcff"], None, "--prompt 2 is not UTF-8"),
         (["generate", lm, "--prompt", "-"], b"ok \xff", "stdin is not UTF-8 text (invalid start byte at byte 3)"),
@@ -153,13 +120,13 @@ def test_bad_text_and_wrong_models(monkeypatch, capsys, lm_bundle, classifier_bu
         _one_line_error(_main(monkeypatch, capsys, *args, stdin=stdin), expected)
 
 
-def test_unwritable_outputs(monkeypatch, capsys, classifier_bundle, tiny_teacher_dir, files, tmp_path):
+def test_unwritable_outputs(monkeypatch, capsys, sst2_bundle, tiny_teacher_dir, files, tmp_path):
     import datasets
 
     tsv, text = str(files["unlabelled_tsv"]), str(files["text_txt"])
     cases = [
-        (["classify", str(classifier_bundle), "--file", tsv, "--out", "/proc/kninfer.tsv"], "cannot write"),
-        (["classify", str(classifier_bundle), "--file", tsv, "--out", str(tmp_path)], "is a folder"),
+        (["classify", str(sst2_bundle), "--file", tsv, "--out", "/proc/kninfer.tsv"], "cannot write"),
+        (["classify", str(sst2_bundle), "--file", tsv, "--out", str(tmp_path)], "is a folder"),
         (["eval-lm", str(tiny_teacher_dir), "--data", text, "--out", "/proc/kninfer.json"], "cannot write"),
         (["eval-glue", str(tiny_teacher_dir), "--task", "sst2", "--out", str(tmp_path)], "is a folder"),
         # an OSError from inside a library (Trainer making its output folder) reaches main() itself
@@ -175,8 +142,8 @@ def test_unwritable_outputs(monkeypatch, capsys, classifier_bundle, tiny_teacher
         datasets.enable_progress_bars()
 
 
-def test_truncate_left_keeps_a_prompt_that_fits_and_stops_at_the_context(monkeypatch, capsys, lm_bundle):
-    model = CausalLM(read_bundle(lm_bundle), threads=1)
+def test_truncate_left_keeps_a_prompt_that_fits_and_stops_at_the_context(monkeypatch, capsys, gpt2_bundle):
+    model = CausalLM(read_bundle(gpt2_bundle), threads=1)
     tokenizer = load_tokenizer(model.bundle.tokenizer_path)
     context = model.bundle.context_length
     prompt = " word" * 50 + " end"
@@ -187,29 +154,29 @@ def test_truncate_left_keeps_a_prompt_that_fits_and_stops_at_the_context(monkeyp
     room = generate(model, tokenizer, [prompt], Sampling(max_new_tokens=context - 51))
     assert asked.prompt_tokens == 51 and asked.token_ids == room.token_ids
     assert 51 + len(asked.token_ids[0]) <= context
-    code, out, _ = _main(monkeypatch, capsys, "generate", str(lm_bundle), "--prompt", prompt, "--max-new-tokens",
+    code, out, _ = _main(monkeypatch, capsys, "generate", str(gpt2_bundle), "--prompt", prompt, "--max-new-tokens",
                          "200", "--truncate", "left", "--threads", "1")
     assert code == 0 and out == room.texts[0] + "\n"
 
 
-def test_perplexity_when_the_last_window_holds_one_token(lm_bundle, tiny_teacher):
+def test_perplexity_when_the_last_window_holds_one_token(gpt2_bundle, tiny_teacher):
     """stride = window and a text of 2 windows + 1 token: the last window predicts nothing (was a crash)."""
     from kninfer.runtime.perplexity import perplexity
     from kninfer.train.eval_lm import perplexity as torch_perplexity
 
     ids = np.random.default_rng(0).integers(0, 500, 2 * 32 + 1).tolist()
-    result = perplexity(CausalLM(read_bundle(lm_bundle), threads=1), ids, stride=32, max_length=32)
+    result = perplexity(CausalLM(read_bundle(gpt2_bundle), threads=1), ids, stride=32, max_length=32)
     expected, tokens = torch_perplexity(tiny_teacher, torch.tensor(ids), 32, 32)
     assert result.tokens == tokens == 62 and result.perplexity == pytest.approx(expected, rel=1e-4)
 
 
-def test_classify_an_unlabelled_file_prints_its_predictions(monkeypatch, capsys, classifier_bundle, files):
-    code, out, _ = _main(monkeypatch, capsys, "classify", str(classifier_bundle), "--file",
+def test_classify_an_unlabelled_file_prints_its_predictions(monkeypatch, capsys, sst2_bundle, files):
+    code, out, _ = _main(monkeypatch, capsys, "classify", str(sst2_bundle), "--file",
                          str(files["unlabelled_tsv"]), "--threads", "1")
     assert code == 0
     rows = out.splitlines()
     args = [a for s in SENTENCES for a in ("--text", s)]
-    code, names, _ = _main(monkeypatch, capsys, "classify", str(classifier_bundle), *args, "--threads", "1")
+    code, names, _ = _main(monkeypatch, capsys, "classify", str(sst2_bundle), *args, "--threads", "1")
     assert code == 0 and rows == ["index\tprediction"] + [f"{i}\t{n}" for i, n in enumerate(names.split())]
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedModel
 
 from kninfer.errors import KninferError
+from kninfer.modeling.io import is_classifier
 from kninfer.runtime.tasks import GlueTask, input_text, read_glue_tsv
 
 HUB_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
@@ -68,7 +69,7 @@ def as_classifier(model: PreTrainedModel, task: GlueTask, pad_token_id: int, max
     files and cuts inputs the same way.
     """
     config = model.config
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+    if is_classifier(model):
         if config.num_labels != task.num_labels:
             raise KninferError(f"the model classifies into {config.num_labels} labels, {task.name} has "
                                f"{task.num_labels}: start from a causal LM or a {task.name} classifier")

@@ -21,7 +21,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTok
 from kninfer.atomic import write_text
 from kninfer.errors import KninferError
 from kninfer.kron import check_positive
-from kninfer.modeling.io import check_output, load, save
+from kninfer.modeling.io import check_output, is_classifier, load, save
 from kninfer.runtime.tasks import GlueTask, get_task
 from kninfer.train.data import lm_blocks, load_lm_text
 from kninfer.train.eval_lm import eval_text, perplexity
@@ -66,9 +66,7 @@ def distill(
     (lr_scheduler_type, warmup_ratio, save_strategy, ...) or to `fit` (callbacks). Ctrl-C or SIGTERM stops at a
     checkpoint and raises TrainingInterrupted.
     """
-    weights = loss_weights(kd, alphas, finetune=False)
-    if kd != "none" and teacher is None:
-        raise KninferError(f"--kd {kd} needs --teacher")
+    weights = _kd_weights(kd, alphas, teacher, finetune=False)
     check_positive(block_size=block_size)
     options = _training_options(batch_size, lr, epochs, max_steps, grad_accum, logging_steps, save_steps, seed,
                                 precision, temperature, **trainer_options)
@@ -108,9 +106,8 @@ def finetune(
     """
     glue_task = get_task(task)
     kd = kd or ("ilkd" if teacher is not None else "none")
-    weights = loss_weights(kd, alphas, finetune=True)
-    if kd != "none" and teacher is None:
-        raise KninferError(f"--kd {kd} needs --teacher (a classifier fine-tuned on {glue_task.name})")
+    weights = _kd_weights(kd, alphas, teacher, finetune=True,
+                          teacher_hint=f" (a classifier fine-tuned on {glue_task.name})")
     check_positive(max_length=max_length)
     options = _training_options(batch_size, lr, epochs, max_steps, grad_accum, logging_steps, save_steps, seed,
                                 precision, temperature, **trainer_options)
@@ -169,7 +166,7 @@ def lm_perplexity(
     loaded here runs on the GPU when there is one; with `out`, the result is also written there as JSON.
     """
     lm, own_tokenizer = _load(model)
-    if _is_classifier(lm):
+    if is_classifier(lm):
         raise KninferError(f"'{_name(model)}' is a sequence classifier, not a causal LM: eval-lm scores language "
                            "models (score a classifier with eval-glue)")
     tokenizer = tokenizer or own_tokenizer
@@ -201,6 +198,15 @@ def _load(source: ModelSource) -> tuple[PreTrainedModel, Any]:
 def _name(source: ModelSource) -> str:
     """How reports and errors name a model: where it came from, or its class."""
     return type(source).__name__ if isinstance(source, PreTrainedModel) else str(source)
+
+
+def _kd_weights(kd: str, alphas: Alphas, teacher: ModelSource | None, finetune: bool,
+                teacher_hint: str = "") -> dict[str, float]:
+    """The KD mode's loss weights, checked; any mode but "none" needs a teacher."""
+    weights = loss_weights(kd, alphas, finetune=finetune)
+    if kd != "none" and teacher is None:
+        raise KninferError(f"--kd {kd} needs --teacher{teacher_hint}")
+    return weights
 
 
 def _training_options(batch_size: int, lr: float, epochs: float, max_steps: int, grad_accum: int, logging_steps: int,
@@ -248,16 +254,11 @@ def _checkpoint_folder(out: str | Path | None, checkpoints: str | Path | None) -
             raise TrainingInterrupted(stop.step, None) from None
 
 
-def _is_classifier(model: PreTrainedModel) -> bool:
-    """Whether `model` is a sequence classifier (`kninfer finetune` output), not a causal LM."""
-    return any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
-
-
 def _task_classifier(source: ModelSource, task: GlueTask) -> tuple[PreTrainedModel, Any]:
     """A saved classifier for `task` and its tokenizer, else a KninferError saying how to make one."""
     model, tokenizer = _load(source)
     architectures = ", ".join(model.config.architectures or []) or "unknown"
-    if not _is_classifier(model) or model.config.num_labels != task.num_labels:
+    if not is_classifier(model) or model.config.num_labels != task.num_labels:
         raise KninferError(f"'{_name(source)}' is not a {task.name} classifier ({architectures}): fine-tune it "
                            f"first with `kninfer finetune --model ... --task {task.name}`")
     return model, tokenizer

@@ -108,10 +108,18 @@ def _is_checkpoint_file(path: Path) -> bool:
     return isinstance(payload, dict) and payload.get("format") == PT_FORMAT
 
 
+def is_classifier(model_or_config: PreTrainedModel | PretrainedConfig) -> bool:
+    """Whether this is a sequence classifier: a model by its class, a config by the architectures it names."""
+    if isinstance(model_or_config, PreTrainedModel):
+        names = [type(model_or_config).__name__]
+    else:
+        names = getattr(model_or_config, "architectures", None) or []
+    return any(name.endswith("ForSequenceClassification") for name in names)
+
+
 def model_class(config: Any) -> type[PreTrainedModel]:
     """The class that builds a model with this config's architecture (causal LM or classifier)."""
-    architectures = getattr(config, "architectures", None) or []
-    classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+    classifier = is_classifier(config)
     mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if classifier else MODEL_FOR_CAUSAL_LM_MAPPING
     try:
         return mapping[type(config)]
