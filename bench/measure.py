@@ -85,7 +85,7 @@ class TorchModel:
         torch.set_num_threads(threads)
         self.torch = torch
         self.model, _ = load(path)
-        self.vocab, self.context = self.model.config.vocab_size, self.model.config.n_positions
+        self.vocab, self.context = self.model.config.vocab_size, self.model.config.max_position_embeddings
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
         """Last-position logits and the cache after the prompt `ids`."""

@@ -249,7 +249,7 @@ class Run:
 
         model, tokenizer = load(self.model(name))
         model.to(self.args.device)
-        block = model.config.n_positions
+        block = model.config.max_position_embeddings
         result: dict[str, Any] = {"parameters": count_parameters(model), "window": block, "stride": block // 2}
         for text in TEXTS:
             ids = self.test_ids(text, tokenizer)

@@ -1,45 +1,34 @@
-"""`--dense`: the same model as a plain GPT-2 with every Kronecker weight materialised, for benchmarks."""
+"""`--dense`: the same model as its family's plain transformers model, every Kronecker weight materialised, for
+benchmarks."""
 
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from kninfer.kron import KroneckerEmbedding
-from kninfer.modeling.gpt2 import EMBEDDING, dense_weight, weight_shapes
+from kninfer.modeling.families import dense_weight, family_of, set_dense_weight
 from kninfer.modeling.io import is_classifier
 
 
 @torch.no_grad()
 def densify(model: PreTrainedModel) -> PreTrainedModel:
-    """A plain GPT2LMHeadModel / GPT2ForSequenceClassification computing what `model` computes."""
-    if model.config.model_type == "gpt2":
+    """A dense model of `model`'s family (causal LM or classifier) computing what `model` computes."""
+    family = family_of(model.config)
+    if model.config.model_type == family.name:
         return model
     fields = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "kronecker")}
-    tied = isinstance(model.transformer.wte, KroneckerEmbedding) and model.config.kronecker.get("tie_head")
-    config = GPT2Config(**{**fields, "tie_word_embeddings": bool(tied or not isinstance(model.transformer.wte,
-                                                                                          KroneckerEmbedding))})
-    dense = (GPT2ForSequenceClassification if is_classifier(model) else GPT2LMHeadModel)(config).eval()
-    state = dense.state_dict()
-    own = model.state_dict()
-    state.update({k: v for k, v in own.items() if k in state and state[k].shape == v.shape})
-    for path in weight_shapes(model.config):
-        if not path.endswith((".q", ".k", ".v")):
-            W, b = dense_weight(model, path)
-            _store(state, path, W, b)
-    for block in (f"transformer.h.{i}.attn.c_attn" for i in range(config.n_layer)):
-        parts = [dense_weight(model, f"{block}.{name}") for name in "qkv"]
-        _store(state, block, torch.cat([W for W, _ in parts]), torch.cat([b for _, b in parts]))
-    if tied and "lm_head.weight" in state:
-        state["lm_head.weight"] = state[f"{EMBEDDING}.weight"]
-    dense.load_state_dict(state)
+    embedding = model.get_input_embeddings()
+    factored = isinstance(embedding, KroneckerEmbedding)
+    fields["tie_word_embeddings"] = model.config.kronecker.tie_head if factored else model.config.tie_word_embeddings
+    config = family.config_class(**fields)
+    dense = (family.classifier if is_classifier(model) else family.causal_lm)(config).eval()
+    dense.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if k in dense.state_dict() and dense.state_dict()[k].shape == v.shape}, strict=False)
+    for path, module in dense.named_modules():
+        tied_head = path == "lm_head" and config.tie_word_embeddings
+        if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)) and not tied_head:
+            set_dense_weight(module, *dense_weight(model, path))
     return dense
-
-
-def _store(state: dict[str, torch.Tensor], path: str, W: torch.Tensor, b: torch.Tensor | None) -> None:
-    if path == EMBEDDING:
-        state[f"{path}.weight"] = W.detach().clone()
-        return
-    state[f"{path}.weight"] = W.detach().T.contiguous()  # Conv1D stores (in, out)
-    if b is not None:
-        state[f"{path}.bias"] = b.detach().clone()

@@ -69,7 +69,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     teacher, tokenizer = load(teacher_source or str(EMBEDDED_TEACHER))
     if tokenizer is None:
         raise KninferError(f"the teacher '{teacher_source}' has no tokenizer saved with it")
-    block_size = min(block_size, teacher.config.n_positions)
+    block_size = min(block_size, teacher.config.max_position_embeddings)
     ids = held_out_ids(tokenizer, eval_text or Path(str(HELDOUT_TEXT)))
 
     def ppl(model: PreTrainedModel) -> float:

@@ -96,15 +96,27 @@ def pruned_kronecker(
 
 @dataclass(frozen=True)
 class FactorShape:
-    """One way to factor an (out, in) weight: its shapes, parameters and multiply-adds per token."""
+    """The factor shapes of one Kronecker layer: A (rank, m1, n1), B (rank, m2, n2)."""
 
     m1: int
     n1: int
     m2: int
     n2: int
-    rank: int
-    params: int
-    macs: int
+    rank: int = 1
+
+    @property
+    def params(self) -> int:
+        """Parameters of A and B."""
+        return self.rank * (self.m1 * self.n1 + self.m2 * self.n2)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per token of the cheaper matmul order."""
+        return self.rank * min(matmul_costs(self.m1, self.n1, self.m2, self.n2))
+
+    def transposed(self) -> FactorShape:
+        """The shapes of the transposed weight, Aᵀ ⊗ Bᵀ."""
+        return FactorShape(self.n1, self.m1, self.n2, self.m2, self.rank)
 
 
 def matmul_costs(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int]:
@@ -115,19 +127,15 @@ def matmul_costs(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int]:
 def factor_shapes(out_features: int, in_features: int, rank: int = 1) -> list[FactorShape]:
     """Every non-trivial (m1, n1, m2, n2) for an (out, in) weight, smallest first."""
     check_positive(out_features=out_features, in_features=in_features, rank=rank)
-    shapes = []
-    for m2 in _divisors(out_features):
-        for n2 in _divisors(in_features):
-            m1, n1 = out_features // m2, in_features // n2
-            if m1 * n1 == 1 or m2 * n2 == 1:
-                continue
-            macs = rank * min(matmul_costs(m1, n1, m2, n2))
-            shapes.append(FactorShape(m1, n1, m2, n2, rank, rank * (m1 * n1 + m2 * n2), macs))
+    shapes = [FactorShape(out_features // m2, in_features // n2, m2, n2, rank)
+              for m2 in _divisors(out_features) for n2 in _divisors(in_features)
+              if (out_features // m2) * (in_features // n2) > 1 and m2 * n2 > 1]
     return sorted(shapes, key=lambda s: (s.params, s.macs))
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 class _ReshapeTail(torch.autograd.Function):
@@ -263,8 +271,9 @@ class KroneckerEmbedding(nn.Module):
         return self.A_t.reshape(-1, self.rank, self.num_embeddings).permute(1, 2, 0)
 
     @torch.no_grad()
-    def load_dense(self, weight: torch.Tensor, init: str = "van-loan") -> float:
-        """Set the factors from a dense (vocab, d) table; returns the relative Frobenius error."""
+    def load_dense(self, weight: torch.Tensor, bias: None = None, init: str = "van-loan") -> float:
+        """Set the factors from a dense (vocab, d) table (an embedding has no bias: `bias` is None, as
+        KroneckerLinear's signature has it); returns the relative Frobenius error."""
         vocab, d = weight.shape
         A, B = INITS[init](weight, vocab, d // self.f, 1, self.f, self.rank)
         self.A_t.copy_(A.permute(2, 0, 1).reshape(-1, vocab))

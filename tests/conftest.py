@@ -107,3 +107,37 @@ def sst2_classifier(tiny_config):
 def sst2_bundle(tmp_path_factory, sst2_classifier, export_tiny) -> Path:
     """The SST-2 classifier as a sequence-classification bundle."""
     return export_tiny(sst2_classifier, tmp_path_factory.mktemp("sst2"), task="sequence-classification")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config():
+    """A Llama config small enough for fast tests: GQA (4 query heads, 2 KV heads), tied embeddings, no biases,
+    GPT-2's vocabulary so that its real tokenizer fits."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_config):
+    """A random dense Llama LM (seeded), in eval mode."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(gpt2_tokenizer):
+    """GPT-2's BPE with a post-processor that prepends BOS, as Llama tokenizers do (SmolLM2's adds none)."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(gpt2_tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                special_tokens=[("<|endoftext|>", 50256)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")

@@ -172,7 +172,7 @@ def lm_perplexity(
     tokenizer = tokenizer or own_tokenizer
     if tokenizer is None:
         raise KninferError(f"'{_name(model)}' has no tokenizer saved with it")
-    context = lm.config.n_positions
+    context = lm.config.max_position_embeddings
     block_size = context if block_size is None else block_size
     stride = max(1, block_size // 2) if stride is None else stride
     if not (2 <= block_size <= context and 0 < stride <= block_size):
@@ -226,8 +226,8 @@ def _training_options(batch_size: int, lr: float, epochs: float, max_steps: int,
 
 def _fits_context(model: PreTrainedModel, option: str, length: int) -> None:
     """Refuse a sequence length beyond the model's context (its position embeddings end there)."""
-    if length > model.config.n_positions:
-        raise KninferError(f"{option} {length} exceeds the model's context of {model.config.n_positions}")
+    if length > model.config.max_position_embeddings:
+        raise KninferError(f"{option} {length} exceeds the model's context of {model.config.max_position_embeddings}")
 
 
 def _train(model: PreTrainedModel, dataset: Dataset, out: str | Path | None, tokenizer: Any,

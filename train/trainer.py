@@ -19,6 +19,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from kninfer.errors import KninferError
+from kninfer.modeling.families import dims
 from kninfer.train.losses import TERMS, kd_terms, loss_terms
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what `kill`, `docker stop` and job schedulers send
@@ -96,8 +97,10 @@ def use_eager_attention(model: PreTrainedModel) -> None:
     """Eager attention returns the attention maps ILKD needs; without attention dropout they stay distributions."""
     model.set_attn_implementation("eager")
     for module in model.modules():
-        if hasattr(module, "attn_dropout"):
+        if hasattr(module, "attn_dropout"):  # GPT-2: an nn.Dropout
             module.attn_dropout.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama: a probability
+            module.attention_dropout = 0.0
 
 
 class DistillTrainer(Trainer):
@@ -157,13 +160,13 @@ class DistillTrainer(Trainer):
 
 
 def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
-    """ILKD pairs layer l of the student with layer l of the teacher, same width."""
-    s, t = student.config, teacher.config
-    if (s.n_layer, s.n_embd, s.n_head) != (t.n_layer, t.n_embd, t.n_head):
+    """ILKD pairs layer l of the student with layer l of the teacher: same layers, width, query and KV heads."""
+    s, t = dims(student.config), dims(teacher.config)
+    if (s.layers, s.hidden, s.heads, s.kv_heads) != (t.layers, t.hidden, t.heads, t.kv_heads):
         raise KninferError(
             f"ILKD needs the student's layers, width and heads to match the teacher's: student "
-            f"{s.n_layer}×{s.n_embd} ({s.n_head} heads), teacher {t.n_layer}×{t.n_embd} ({t.n_head} heads); "
-            "train a layer-dropped student with --kd vanilla or --kd none"
+            f"{s.layers}×{s.hidden} ({s.heads} heads, {s.kv_heads} KV), teacher {t.layers}×{t.hidden} "
+            f"({t.heads} heads, {t.kv_heads} KV); train a layer-dropped student with --kd vanilla or --kd none"
         )
 
 

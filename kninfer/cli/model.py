@@ -12,18 +12,21 @@ from kninfer.cli.output import console, print_layers
 
 
 def compress(
-    teacher: Annotated[str, typer.Option(help="Dense GPT-2 teacher: a hub name (gpt2), a directory or a .pt file.")],
+    teacher: Annotated[str, typer.Option(help="Dense GPT-2 or Llama teacher: a hub name (gpt2), a directory, a .pt "
+                                              "or a .gguf file.")],
     out: Annotated[Path, typer.Option(help="Where to write the student: a directory (HF format) or FILE.pt.")],
     preset: Annotated[str, typer.Option(help="kngpt2 (paper), krony-pt (MLP only), distil (every other layer), "
                                              "or a JSON spec file.")] = "kngpt2",
-    tie_head: Annotated[bool, typer.Option(help="LM head reuses the Kronecker embedding (A @ (H @ Bᵀ)).")] = False,
+    tie_head: Annotated[bool | None, typer.Option(
+        "--tie-head/--no-tie-head", help="LM head reuses the Kronecker embedding (A @ (H @ Bᵀ)); default: as the "
+                                         "teacher (tied embeddings: tied head).", show_default=False)] = None,
     init: Annotated[str | None, typer.Option(help="van-loan, van-loan-rescaled (krony-pt default) or pruning.")] = None,
     target_params: Annotated[int | None, typer.Option(help="krony-pt: total parameters to aim for.", min=1)] = None,
     rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.", min=1)] = 1,
     odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Compress a dense GPT-2 into a Kronecker student initialised by the nearest Kronecker product."""
+    """Compress a dense GPT-2 or Llama into a Kronecker student initialised by the nearest Kronecker product."""
     from kninfer import modeling
     from kninfer.modeling.compress import count_parameters
     from kninfer.modeling.io import check_output
@@ -42,9 +45,12 @@ def info(model: Annotated[str, typer.Argument(help="A saved model: directory, .p
     """Show a model's Kronecker layers (shapes and parameters) and its totals."""
     from kninfer.modeling import load
     from kninfer.modeling.compress import count_parameters, report_rows
+    from kninfer.modeling.families import dims
 
     loaded, _ = load(model)
-    console.print(f"{model}: {type(loaded).__name__}, {loaded.config.n_layer} layers, d={loaded.config.n_embd}")
+    size = dims(loaded.config)
+    console.print(f"{model}: {type(loaded).__name__}, {size.layers} layers, d={size.hidden}, {size.heads} heads "
+                  f"({size.kv_heads} KV)")
     print_layers(report_rows(loaded), None, count_parameters(loaded), count_parameters(loaded, False))
 
 

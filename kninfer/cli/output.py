@@ -20,7 +20,7 @@ def print_layers(rows: Sequence[Any], teacher_params: int | None, params: int, p
     for row in rows:
         error = "" if row.error is None else f"{row.error:.3f}"
         sizes = f"{row.params_before:,}", f"{row.params_after:,}"
-        table.add_row(row.path.removeprefix("transformer."), row.before, row.after, *sizes, error)
+        table.add_row(row.path, row.before, row.after, *sizes, error)
     console.print(table)
     if teacher_params is not None:
         console.print(f"teacher parameters: {teacher_params:,}")

@@ -1,4 +1,4 @@
-"""KnGPT2 as a transformers model type (`model_type: "kngpt2"`), registered with the Auto classes on import;
+"""Kronecker students as transformers model types (`kngpt2`, `knllama`), registered with the Auto classes on import;
 `compress`, `load` and `save`."""
 
 from transformers import (
@@ -8,18 +8,29 @@ from transformers import (
     AutoTokenizer,
     GPT2Tokenizer,
     GPT2TokenizerFast,
+    LlamaTokenizerFast,
 )
 
-from kninfer.modeling.configuration_kngpt2 import KnGPT2Config
-from kninfer.modeling.modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel
+from kninfer.modeling.configuration_kronecker import KnGPT2Config, KnLlamaConfig, KroneckerSpec
+from kninfer.modeling.modeling_kronecker import (
+    KnGPT2ForSequenceClassification,
+    KnGPT2LMHeadModel,
+    KnLlamaForCausalLM,
+    KnLlamaForSequenceClassification,
+)
 
-AutoConfig.register("kngpt2", KnGPT2Config, exist_ok=True)
-AutoModelForCausalLM.register(KnGPT2Config, KnGPT2LMHeadModel, exist_ok=True)
-AutoModelForSequenceClassification.register(KnGPT2Config, KnGPT2ForSequenceClassification, exist_ok=True)
-AutoTokenizer.register(KnGPT2Config, GPT2Tokenizer, GPT2TokenizerFast, exist_ok=True)
+for config, causal_lm, classifier, tokenizers in (
+    (KnGPT2Config, KnGPT2LMHeadModel, KnGPT2ForSequenceClassification, (GPT2Tokenizer, GPT2TokenizerFast)),
+    (KnLlamaConfig, KnLlamaForCausalLM, KnLlamaForSequenceClassification, (None, LlamaTokenizerFast)),
+):
+    AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModelForCausalLM.register(config, causal_lm, exist_ok=True)
+    AutoModelForSequenceClassification.register(config, classifier, exist_ok=True)
+    AutoTokenizer.register(config, *tokenizers, exist_ok=True)
 
 # after the registration: io.py imports this package for it
 from kninfer.modeling.compress import compress  # noqa: E402
 from kninfer.modeling.io import load, save  # noqa: E402
 
-__all__ = ["KnGPT2Config", "KnGPT2ForSequenceClassification", "KnGPT2LMHeadModel", "compress", "load", "save"]
+__all__ = ["KnGPT2Config", "KnGPT2ForSequenceClassification", "KnGPT2LMHeadModel", "KnLlamaConfig",
+           "KnLlamaForCausalLM", "KnLlamaForSequenceClassification", "KroneckerSpec", "compress", "load", "save"]

@@ -1,17 +1,15 @@
-"""The GPT-2 adapter of the torch side: factorable paths, dense weights read from Conv1D's (in, out) layout, and
-GPT-2's fused c_attn split into q, k, v. Export has its own GPT-2 edge (export/lean.py, export/dense.py); see
-docs/architecture.md, "The Kronecker convention"."""
+"""GPT-2's one quirk: q, k and v live in one fused Conv1D, c_attn, which kninfer splits so each can be factored.
+Conv1D's (in, out) layout is handled in families.py; export has its own GPT-2 edge (export/gpt2_forwards.py).
+See docs/architecture.md, "The Kronecker convention"."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-from transformers import GPT2Config
-from transformers.pytorch_utils import Conv1D
 
-from kninfer.errors import KninferError
-
-EMBEDDING = "transformer.wte"
+QKV = ("q", "k", "v")
 
 
 class SplitQKV(nn.Module):
@@ -25,45 +23,45 @@ class SplitQKV(nn.Module):
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
 
-def weight_shapes(config: GPT2Config) -> dict[str, tuple[int, int]]:
-    """Every module path that may be factored, with its (out, in) shape."""
-    d = config.n_embd
-    inner = config.n_inner or 4 * d
-    shapes = {EMBEDDING: (config.vocab_size, d)}
-    for i in range(config.n_layer):
-        block = f"transformer.h.{i}"
-        shapes.update({f"{block}.attn.c_attn.{name}": (d, d) for name in "qkv"})
-        shapes[f"{block}.attn.c_proj"] = (d, d)
-        shapes[f"{block}.mlp.c_fc"] = (inner, d)
-        shapes[f"{block}.mlp.c_proj"] = (d, inner)
-    return shapes
-
-
-def dense_weight(model: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (out, in) weight and bias at `path` of a GPT-2 (or KnGPT2) model, q/k/v sliced out of c_attn."""
+def split_qkv(model: nn.Module, path: str) -> None:
+    """Before `path` (…attn.c_attn.q/k/v) becomes a Kronecker layer: make c_attn a SplitQKV of nn.Linear (once)."""
     parent, _, name = path.rpartition(".")
-    if name in ("q", "k", "v") and parent.endswith("c_attn"):
-        fused = model.get_submodule(parent)
-        if not isinstance(fused, SplitQKV):
-            W, b = dense_weight(model, parent)
-            part = slice("qkv".index(name) * W.shape[1], ("qkv".index(name) + 1) * W.shape[1])
-            return W[part], None if b is None else b[part]
-    module = model.get_submodule(path)
-    if isinstance(module, Conv1D):
-        return module.weight.T, module.bias
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if isinstance(module, nn.Embedding):
-        return module.weight, None
-    if hasattr(module, "to_dense"):
-        return module.to_dense(), getattr(module, "bias", None)
-    raise KninferError(f"module '{path}' ({type(module).__name__}) has no dense weight")
-
-
-def split_qkv(model: nn.Module, block: str) -> SplitQKV:
-    """Replace `block.attn.c_attn` by a SplitQKV of three nn.Linear (once) and return it."""
-    attn = model.get_submodule(f"{block}.attn")
+    if name not in QKV or not parent.endswith("attn.c_attn"):
+        return
+    attn = model.get_submodule(parent.removesuffix(".c_attn"))
     if not isinstance(attn.c_attn, SplitQKV):
         d = attn.embed_dim
-        attn.c_attn = SplitQKV(*(nn.Linear(d, d) for _ in range(3)))
-    return attn.c_attn
+        attn.c_attn = SplitQKV(*(nn.Linear(d, d) for _ in QKV))
+
+
+def fused_part(model: nn.Module, path: str) -> tuple[int, int] | None:
+    """The (out, in) shape of q, k or v inside a fused c_attn; None for any other path."""
+    fused = _fused(model, path)
+    return None if fused is None else (fused.weight.shape[0], fused.weight.shape[0])
+
+
+Reader = Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def fused_weight(model: nn.Module, path: str, read: Reader) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """q, k or v sliced out of a fused c_attn, or a split c_attn's three maps concatenated (each read by `read`);
+    None for any other path."""
+    fused = _fused(model, path)
+    if fused is not None:
+        W, b = read(model, path.rpartition(".")[0])
+        part = slice(QKV.index(path[-1]) * W.shape[1], (QKV.index(path[-1]) + 1) * W.shape[1])
+        return W[part], None if b is None else b[part]
+    if path.endswith("attn.c_attn") and isinstance(model.get_submodule(path), SplitQKV):
+        parts = [read(model, f"{path}.{name}") for name in QKV]
+        biases = [b for _, b in parts]
+        return torch.cat([W for W, _ in parts]), None if None in biases else torch.cat(biases)
+    return None
+
+
+def _fused(model: nn.Module, path: str) -> nn.Module | None:
+    """The fused c_attn that holds `path` (…attn.c_attn.q/k/v), or None."""
+    parent, _, name = path.rpartition(".")
+    if name not in QKV or not parent.endswith("attn.c_attn"):
+        return None
+    module = model.get_submodule(parent)
+    return None if isinstance(module, SplitQKV) else module

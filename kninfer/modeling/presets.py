@@ -1,4 +1,4 @@
-"""Compression presets as data: each turns a teacher's GPT-2 config into a Kronecker spec."""
+"""Compression presets as data: each turns a dense teacher into a Kronecker spec, for any family."""
 
 from __future__ import annotations
 
@@ -7,63 +7,58 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transformers import GPT2Config
+from torch import nn
 
 from kninfer.errors import KninferError
-from kninfer.kron import check_divides, check_positive, check_rank, factor_shapes
-from kninfer.modeling.configuration_kngpt2 import FACTORS
-from kninfer.modeling.gpt2 import EMBEDDING, weight_shapes
+from kninfer.kron import FactorShape, check_divides, check_positive, check_rank, factor_shapes
+from kninfer.modeling.configuration_kronecker import FACTORS, KroneckerSpec
+from kninfer.modeling.families import dims, family_of, weight_shapes
 
 PRESETS = ("kngpt2", "krony-pt", "distil")
+KRONY_PT_FRACTION = 0.655  # Krony-PT's 81M model is 65.5% of GPT-2 small's 124M
 
 
-def kngpt2_spec(config: GPT2Config, odd_base: int = 0, f: int = 2, tie_head: bool = False) -> dict[str, Any]:
-    """The KnGPT2 paper: embedding with B (1, f); every linear map of the odd layers with B (2, 1)."""
-    layers = range(1 - odd_base % 2, config.n_layer, 2)
-    patterns: dict[str, dict[str, int]] = {EMBEDDING: {"m2": 1, "n2": f}}
-    for i in layers:
-        patterns[f"transformer.h.{i}.*"] = {"m2": 2, "n2": 1}
-    return resolve_spec({"modules": patterns, "tie_head": tie_head}, config)
+def kngpt2_spec(teacher: nn.Module, odd_base: int = 0, f: int = 2, tie_head: bool = False) -> KroneckerSpec:
+    """The KnGPT2 paper: the embedding with B (1, f); every linear map of the odd layers with B (2, 1)."""
+    family = family_of(teacher.config)
+    patterns: dict[str, dict[str, int]] = {family.embedding: {"m2": 1, "n2": f}}
+    for i in range(1 - odd_base % 2, dims(teacher.config).layers, 2):
+        patterns[f"{family.block(i)}.*"] = {"m2": 2, "n2": 1}
+    return resolve_spec({"modules": patterns, "tie_head": tie_head}, teacher)
 
 
-def krony_pt_spec(config: GPT2Config, target_params: int | None = None, rank: int = 1) -> dict[str, Any]:
-    """Krony-PT: both MLP maps of every layer, one factor shape chosen to land nearest `target_params`.
-
-    The default target is 65.5% of the teacher (81M of GPT-2 small's 124M, Krony-PT's 81M model).
-    """
-    shapes = weight_shapes(config)
-    dense_total = _dense_params(config)
-    target = target_params or round(0.655 * dense_total)
-    inner, d = shapes["transformer.h.0.mlp.c_fc"]
-    mlp_dense = 2 * inner * d * config.n_layer
-    best = min(
-        factor_shapes(inner, d, rank),
-        key=lambda s: abs(dense_total - mlp_dense + 2 * s.params * config.n_layer - target),
-    )
+def krony_pt_spec(teacher: nn.Module, target_params: int | None = None, rank: int = 1) -> KroneckerSpec:
+    """Krony-PT: every MLP map of every layer, one factor shape (transposed for the down map) chosen to land nearest
+    `target_params`, by default KRONY_PT_FRACTION of the teacher's parameters."""
+    family = family_of(teacher.config)
+    shapes = weight_shapes(teacher)
+    paths = [f"{family.block(i)}.{name}" for i in range(dims(teacher.config).layers) for name in family.mlp]
+    up = shapes[paths[0]]
+    dense_total = sum(p.numel() for p in teacher.parameters())
+    kept = dense_total - sum(shapes[path][0] * shapes[path][1] for path in paths)
+    target = target_params or round(KRONY_PT_FRACTION * dense_total)
+    best = min(factor_shapes(*up, rank), key=lambda s: abs(kept + len(paths) * s.params - target))
     check_rank(rank, best.m1, best.n1, best.m2, best.n2)
-    modules = {}
-    for i in range(config.n_layer):
-        fc = {"m1": best.m1, "n1": best.n1, "m2": best.m2, "n2": best.n2, "rank": rank}
-        modules[f"transformer.h.{i}.mlp.c_fc"] = fc
-        proj = {"m1": fc["n1"], "n1": fc["m1"], "m2": fc["n2"], "n2": fc["m2"], "rank": rank}  # Aᵀ ⊗ Bᵀ shapes
-        modules[f"transformer.h.{i}.mlp.c_proj"] = proj
-    return {"modules": modules, "tie_head": False}
+    return KroneckerSpec({path: best if shapes[path] == up else best.transposed() for path in paths})
 
 
-def resolve_spec(spec: dict[str, Any], config: GPT2Config) -> dict[str, Any]:
+def resolve_spec(spec: dict[str, Any], teacher: nn.Module) -> KroneckerSpec:
     """Expand glob patterns and partial shapes ({m2, n2} or {m1, n1}) into explicit per-module factors."""
-    shapes = weight_shapes(config)
-    modules: dict[str, dict[str, int]] = {}
+    shapes = weight_shapes(teacher)
+    modules: dict[str, FactorShape] = {}
     for pattern, entry in spec.get("modules", {}).items():
         matched = [path for path in shapes if fnmatch.fnmatchcase(path, pattern)]
         if not matched:
-            raise KninferError(f"spec pattern '{pattern}' matches no factorable module")
+            raise KninferError(f"spec pattern '{pattern}' matches no factorable module (see `kninfer info`)")
         for path in matched:
             modules[path] = _full_factors(path, shapes[path], entry)
-    return {"modules": modules, "tie_head": spec.get("tie_head", False)}  # KnGPT2Config checks it is a bool
+    tie_head = spec.get("tie_head", False)
+    if not isinstance(tie_head, bool):
+        raise KninferError(f'the spec\'s "tie_head" must be true or false, got {tie_head!r}')
+    return KroneckerSpec(modules, tie_head)
 
 
-def load_spec_file(path: str | Path, config: GPT2Config) -> dict[str, Any]:
+def load_spec_file(path: str | Path, teacher: nn.Module) -> KroneckerSpec:
     """A custom spec from JSON: {"modules": {pattern: {"m2": .., "n2": .., "rank": ..}}, "tie_head": ..}."""
     try:
         spec = json.loads(Path(path).read_text())
@@ -71,11 +66,11 @@ def load_spec_file(path: str | Path, config: GPT2Config) -> dict[str, Any]:
         raise KninferError(f"cannot read spec file '{path}': {error}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("modules"), dict):
         raise KninferError(f"spec file '{path}' must hold an object with a \"modules\" object")
-    return resolve_spec(spec, config)
+    return resolve_spec(spec, teacher)
 
 
-def _full_factors(path: str, shape: tuple[int, int], entry: Any) -> dict[str, int]:
-    """One module's explicit m1, n1, m2, n2 and rank from a spec entry with {m2, n2} or {m1, n1} (rank 1 unless set)."""
+def _full_factors(path: str, shape: tuple[int, int], entry: Any) -> FactorShape:
+    """One module's factor shapes from a spec entry with {m2, n2} or {m1, n1} (rank 1 unless set)."""
     out_features, in_features = shape
     if not isinstance(entry, dict) or not ({"m2", "n2"} <= entry.keys() or {"m1", "n1"} <= entry.keys()):
         raise KninferError(f"'{path}': a spec entry needs m2 and n2 (or m1 and n1), got {entry!r}")
@@ -88,16 +83,9 @@ def _full_factors(path: str, shape: tuple[int, int], entry: Any) -> dict[str, in
         else:
             factors.setdefault("m2", out_features // factors["m1"])
             factors.setdefault("n2", in_features // factors["n1"])
-        m1, n1, m2, n2 = (factors[key] for key in FACTORS[:4])
-        check_divides(out_features, in_features, m1, n1, m2, n2)
-        check_rank(factors["rank"], m1, n1, m2, n2)
+        shape_ = FactorShape(**factors)
+        check_divides(out_features, in_features, shape_.m1, shape_.n1, shape_.m2, shape_.n2)
+        check_rank(shape_.rank, shape_.m1, shape_.n1, shape_.m2, shape_.n2)
     except KninferError as error:
         raise KninferError(f"'{path}': {error}") from None
-    return {key: factors[key] for key in FACTORS}
-
-
-def _dense_params(config: GPT2Config) -> int:
-    """Parameters of the dense GPT-2 with this config, head tied (as GPT-2 counts)."""
-    d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (inner * d + inner) + (d * inner + d)
-    return config.vocab_size * d + config.n_positions * d + config.n_layer * block + 2 * d
+    return shape_
