@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,19 +31,22 @@ def export(
     """Export `model` (an object, a .pt file, a Hugging Face directory or a hub name) to `out` (DIR/NAME.onnx).
 
     The bundle gets `tokenizer` (an object, a directory or a tokenizer.json; default: the one saved with a loaded
-    model). `variant`: fp32, dense (every Kronecker weight materialised) or int8. With `verify`, onnxruntime's
-    logits must match PyTorch's within TOLERANCE (prefill + cached steps). `overwrite` replaces files in the
-    folder that its kninfer.json does not list.
+    model) and its chat template for `kninfer chat` (an object's, or a directory's chat_template.jinja or
+    tokenizer_config.json's; the "default" one of several). `variant`: fp32, dense (every Kronecker weight
+    materialised) or int8. With `verify`, onnxruntime's logits must match PyTorch's within TOLERANCE (prefill +
+    cached steps). `overwrite` replaces files in the folder that its kninfer.json does not list.
     """
     _check_opset(opset)
     out = Path(out)
     if out.suffix != ".onnx":
         raise KninferError(f"'{out}': the output must be a .onnx file")
     loaded, own_tokenizer = (model, None) if isinstance(model, PreTrainedModel) else load(model)
-    tokenizer_json = _tokenizer_json(own_tokenizer if tokenizer is None else tokenizer)
+    tokenizer = own_tokenizer if tokenizer is None else tokenizer
+    tokenizer_json = _tokenizer_json(tokenizer)
     sample = _sample_ids(tokenizer_json)
     report = export_bundle(loaded, out, task=task, variant=variant, opset=opset, tokenizer_json=tokenizer_json,
-                           verify=verify, sample_ids=sample, overwrite=overwrite)
+                           verify=verify, sample_ids=sample, overwrite=overwrite,
+                           chat_template=_chat_template(tokenizer))
     log(f"wrote {report.onnx_path}: {report.bytes / 1e6:.1f} MB, {report.nodes:,} nodes, "
         f"{report.kronecker_layers} Kronecker layers")
     if report.verification is None:
@@ -85,6 +89,33 @@ def _tokenizer_json(tokenizer: PreTrainedTokenizerBase | str | Path | None) -> s
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer.backend_tokenizer.to_str()
     return read_tokenizer(tokenizer)
+
+
+def _chat_template(tokenizer: PreTrainedTokenizerBase | str | Path | None) -> str | None:
+    """The chat template of a tokenizer object or directory (None for a tokenizer.json, or without one); of several
+    named templates, the "default" one."""
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        template = tokenizer.chat_template
+    elif tokenizer is not None and Path(tokenizer).is_dir():
+        template = _saved_chat_template(Path(tokenizer))
+    else:
+        return None
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def _saved_chat_template(folder: Path) -> str | dict[str, str] | None:
+    """A tokenizer folder's chat template as transformers reads it: chat_template.jinja, else tokenizer_config.json's
+    "chat_template" (a string, or a list of {"name", "template"} objects)."""
+    jinja_file, config_file = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    try:
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8")
+        if not config_file.is_file():
+            return None
+        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+        return {entry["name"]: entry["template"] for entry in template} if isinstance(template, list) else template
+    except (ValueError, LookupError, TypeError, AttributeError) as error:  # not UTF-8 or JSON, not transformers' layout
+        raise KninferError(f"cannot read the chat template in '{folder}': {error}") from None
 
 
 def _sample_ids(tokenizer_json: str | None) -> list[int] | None:

@@ -63,10 +63,11 @@ class ExportReport:
 def export_bundle(
     model: PreTrainedModel, out: str | os.PathLike, *, task: str = "causal-lm", variant: str = "fp32",
     opset: int = 18, tokenizer_json: str | None = None, verify: bool = True,
-    sample_ids: list[int] | None = None, overwrite: bool = False,
+    sample_ids: list[int] | None = None, overwrite: bool = False, chat_template: str | None = None,
 ) -> ExportReport:
     """Write `out` (.onnx) and its weights, tokenizer and kninfer.json entry beside it, other graphs of the folder
-    kept; nothing changes if any step fails. `overwrite` replaces files kninfer.json does not list."""
+    kept; nothing changes if any step fails. `overwrite` replaces files kninfer.json does not list; `chat_template`
+    (the tokenizer's Jinja template, or None) is stored in the entry for `kninfer chat`."""
     out = Path(out)
     if task not in TASKS:
         raise KninferError(f"unknown task '{task}': expected one of {', '.join(TASKS)}")
@@ -77,11 +78,11 @@ def export_bundle(
     _kept_models(out, overwrite)  # refuse before the slow part
     model = (densify(model) if variant == "dense" else model).eval()
     layers = sum(isinstance(m, (KroneckerLinear, KroneckerEmbedding)) for m in model.modules())
-    entry = bundle_metadata(model, task, variant)
+    entry = bundle_metadata(model, task, variant) | {"chat_template": chat_template}
     with _staging(out) as work:
         fp32 = work / "fp32.onnx"
         with torch.no_grad():
-            export_onnx(model, task, fp32, opset)
+            export_onnx(model, task, fp32, opset, model.config.model_type.removeprefix("kn"))
         check_graph(str(fp32))
         verification = verify_graph(model, graph_bundle(fp32, entry)) if verify else None
         if verification is not None and not verification.ok:
@@ -124,20 +125,30 @@ def bundle_metadata(model: PreTrainedModel, task: str, variant: str) -> dict[str
     labels = [config.id2label[i] for i in range(config.num_labels)] if task == "sequence-classification" else None
     kv = None
     if task == "causal-lm":
-        kv = {"num_layers": config.n_layer, "num_heads": config.n_head, "head_dim": config.n_embd // config.n_head,
+        heads = config.num_attention_heads  # GPT2Config maps the num_*/hidden_size names to its n_* fields
+        kv = {"num_layers": config.num_hidden_layers,
+              "num_heads": getattr(config, "num_key_value_heads", None) or heads,
+              "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
               "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
               "present_key": "present.{i}.key", "present_value": "present.{i}.value"}
     eos = config.eos_token_id
     return {
-        "task": task, "model_type": config.model_type, "variant": variant, "context_length": config.n_positions,
+        "task": task, "model_type": config.model_type, "variant": variant,
+        "context_length": config.max_position_embeddings,
         "vocab_size": config.vocab_size, "eos_token_id": eos, "bos_token_id": config.bos_token_id,
         "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
         "labels": labels, "glue_task": getattr(config, "glue_task", None),
         "max_input_length": getattr(config, "max_input_length", None), "kv_cache": kv,
-        "kronecker": getattr(config, "kronecker", None), "parameters": count_parameters(model),
+        "kronecker": _spec_dict(config), "parameters": count_parameters(model),
         "versions": {"kninfer": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+
+
+def _spec_dict(config: Any) -> dict[str, Any] | None:
+    """A Kronecker student's spec as config.json holds it; None for a dense model."""
+    spec = getattr(config, "kronecker", None)
+    return None if spec is None else spec.to_dict()
 
 
 def _version() -> str:

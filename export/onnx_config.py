@@ -1,35 +1,58 @@
-"""optimum's ONNX configuration for `kngpt2`: GPT-2's inputs, outputs and tracing patches, registered by name."""
+"""optimum's ONNX configurations per family: the family's inputs and outputs with its export-time forwards patched in,
+registered for each `kn<family>` model type."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+from optimum.exporters.onnx.base import OnnxConfig
 from optimum.exporters.onnx.convert import export
-from optimum.exporters.onnx.model_configs import GPT2OnnxConfig
-from optimum.exporters.onnx.model_patcher import ModelPatcher
+from optimum.exporters.onnx.model_configs import GPT2OnnxConfig, LlamaOnnxConfig
+from optimum.exporters.onnx.model_patcher import ModelPatcher, PatchingSpec
 from optimum.exporters.tasks import TasksManager
 from transformers import PreTrainedModel
 
-from kninfer.export.lean import patching_specs, tied_head_reads_embedding
+from kninfer.errors import KninferError
+from kninfer.export import gpt2_forwards, llama_forwards
+from kninfer.export.forwards import tied_head_reads_embedding
 
 TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}
+FAMILIES: dict[str, tuple[type[OnnxConfig], Callable[[], list[PatchingSpec]]]] = {
+    "gpt2": (GPT2OnnxConfig, gpt2_forwards.patching_specs),
+    "llama": (LlamaOnnxConfig, llama_forwards.patching_specs),
+}
 
 
-@TasksManager.create_register("onnx")("kngpt2", "text-generation", "text-generation-with-past", "text-classification")
-class KnGPT2OnnxConfig(GPT2OnnxConfig):
-    """KnGPT2 keeps GPT-2's graph interface; only some of its modules are Kronecker layers. Both model types
-    trace through export.lean's forwards (constant reshape targets, one mask per graph)."""
+class _PatchedForwards:
+    """Mixin for an optimum OnnxConfig: the export traces through `patching_specs()`'s forwards."""
+
+    patching_specs: Callable[[], list[PatchingSpec]]
 
     def patch_model_for_export(self, model: PreTrainedModel, model_kwargs: dict | None = None) -> ModelPatcher:
-        self.PATCHING_SPECS = patching_specs()
+        self.PATCHING_SPECS = self.patching_specs()
         return super().patch_model_for_export(model, model_kwargs)
 
 
-def export_onnx(model: PreTrainedModel, task: str, output: Path, opset: int) -> None:
-    """Trace `model` to `output` with optimum's patcher (traceable cache and masks for transformers 4.5x)."""
-    config = KnGPT2OnnxConfig(model.config, task=TASKS[task], use_past=task == "causal-lm",
-                              use_past_in_inputs=task == "causal-lm")
+def _onnx_config(family: str, base: type[OnnxConfig], specs: Callable[[], list[PatchingSpec]]) -> type[OnnxConfig]:
+    """`base` with `specs` patched in, registered for model type `kn<family>`."""
+    config = type(f"Kn{base.__name__}", (_PatchedForwards, base),
+                  {"patching_specs": staticmethod(specs), "__module__": __name__})
+    register = TasksManager.create_register("onnx")
+    return register(f"kn{family}", "text-generation", "text-generation-with-past", "text-classification")(config)
+
+
+ONNX_CONFIGS = {family: _onnx_config(family, *entry) for family, entry in FAMILIES.items()}
+
+
+def export_onnx(model: PreTrainedModel, task: str, output: Path, opset: int, family: str) -> None:
+    """Trace `model` of `family` to `output` with optimum's patcher (traceable cache and masks for transformers
+    4.5x)."""
+    if family not in ONNX_CONFIGS:
+        raise KninferError(f"cannot export a {family} model: kninfer exports {', '.join(ONNX_CONFIGS)}")
+    config = ONNX_CONFIGS[family](model.config, task=TASKS[task], use_past=task == "causal-lm",
+                                  use_past_in_inputs=task == "causal-lm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python control flow that optimum's patches handle
         with tied_head_reads_embedding(model):

@@ -19,7 +19,7 @@ from kninfer.export import export_bundle, quantize_bundle
 from kninfer.export.verify import verify_causal_lm, verify_classifier
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 from kninfer.modeling.compress import compress
-from kninfer.modeling.gpt2 import dense_weight
+from kninfer.modeling.families import dense_weight
 from kninfer.runtime.bundle import read_bundle
 from kninfer.runtime.session import CausalLM
 

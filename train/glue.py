@@ -55,7 +55,7 @@ def tokenize(dataset: Dataset, tokenizer: Any, max_length: int) -> Dataset:
 
 
 def with_pad_token(tokenizer: Any) -> Any:
-    """GPT-2 has no pad token: pad with EOS (the classifier pools the last non-pad token)."""
+    """GPT-2 and many Llamas have no pad token: pad with EOS (the classifier pools the last non-pad token)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -63,7 +63,7 @@ def with_pad_token(tokenizer: Any) -> Any:
 
 
 def as_classifier(model: PreTrainedModel, task: GlueTask, pad_token_id: int, max_length: int) -> PreTrainedModel:
-    """A sequence classifier for `task` with `model`'s body (KnGPT2 or GPT-2); a fitting classifier is kept.
+    """A sequence classifier for `task` with `model`'s body (dense or Kronecker, any family); a fitting one is kept.
 
     Its config records the task and the input length it is trained on, so an exported bundle reads the task's
     files and cuts inputs the same way.

@@ -53,11 +53,11 @@ def _resumable() -> Iterator[None]:
 
 
 def distill(
-    student: Annotated[str, typer.Option(help="Student to train: a KnGPT2 from `kninfer compress` (dir or .pt).")],
+    student: Annotated[str, typer.Option(help="Student to train: a Kronecker (or layer-dropped) student from `kninfer compress` (dir or .pt).")],
     data: Annotated[str, typer.Option(help="Training text: a .txt/.raw file, a folder of them, or hub "
                                            "dataset:config (wikitext:wikitext-103-raw-v1).")],
     out: Annotated[Path, typer.Option(help="Where to write the trained student: a directory or FILE.pt.")],
-    teacher: Annotated[str | None, typer.Option(help="The dense teacher (hub name, dir or .pt).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="The dense teacher (hub name, dir, .pt or .gguf).")] = None,
     kd: Annotated[str, typer.Option(help=KD_HELP)] = "ilkd",
     alphas: Annotated[str | None, typer.Option(help=ALPHAS_HELP)] = None,
     temperature: Temperature = 2.0,
