@@ -1,12 +1,12 @@
-"""`kninfer generate`, `kninfer classify`, `kninfer eval`: run an exported bundle on onnxruntime, without torch."""
+"""`kninfer generate`, `chat`, `classify`, `eval`: run an exported bundle on onnxruntime, without torch."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,52 +17,105 @@ from kninfer.errors import KninferError
 if TYPE_CHECKING:
     from kninfer.runtime import LanguageModel, TextClassifier
     from kninfer.runtime.classify import Prediction
+    from kninfer.runtime.generate import Generation, TextStream
 
 BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside).")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).", min=1)]
 LowMemoryOption = Annotated[bool, typer.Option(help="Skip onnxruntime's pre-packed weight copies: less memory "
                                                     "(about the fp32 MatMul weights' size less), slower steps.")]
+# The sampling options of `generate` and `chat` (kninfer.runtime.generate.Sampling's fields)
+MaxNewTokensOption = Annotated[int, typer.Option(help="Most tokens to add to each prompt (each reply).")]
+TemperatureOption = Annotated[float, typer.Option(help="0 is greedy decoding; above 0 samples (1 = model's own).")]
+TopKOption = Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0 = all).")]
+TopPOption = Annotated[float, typer.Option(help="Sample among the likeliest tokens holding this mass (1 = all).")]
+RepetitionPenaltyOption = Annotated[float, typer.Option(help="Above 1 discourages tokens already seen (1 = off).")]
+SeedOption = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sample.", min=0,
+                                                max=MAX_SEED)]
+StopOption = Annotated[list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable.")]
 stderr = Console(stderr=True)
 
 
 def generate(
     bundle: BundleArg,
     prompt: Annotated[list[str], typer.Option(help="Text to continue; '-' reads stdin; repeat for a batch.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to add to each prompt.")] = 64,
-    temperature: Annotated[float, typer.Option(help="0 is greedy decoding; above 0 samples (1 = model's own).")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample among the likeliest tokens holding this mass (1 = all).")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages tokens already seen (1 = off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same sample.", min=0,
-                                             max=MAX_SEED)] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable.")] = None,
+    max_new_tokens: MaxNewTokensOption = 64,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
+    stop: StopOption = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt only).")] = True,
+    chat: Annotated[bool, typer.Option(help="Send the prompt as a user message through the bundle's chat "
+                                            "template and print the assistant's reply (one --prompt).")] = False,
     threads: ThreadsOption = None,
     low_memory: LowMemoryOption = False,
     truncate: Annotated[str, typer.Option(help="'left' drops the start of a prompt that fills the context; "
                                                "'none': such a prompt is an error.")] = "none",
 ) -> None:
-    """Continue a prompt (or a batch of prompts) with a causal-LM bundle; a timing summary goes to stderr."""
-    from kninfer.runtime.generate import Sampling
-
+    """Continue a prompt (or a batch of prompts) with a causal-LM bundle, or with --chat answer it as a chat model
+    (see `kninfer chat`); a timing summary goes to stderr."""
     if truncate not in ("none", "left"):
         raise KninferError(f"--truncate is {truncate!r}: expected 'none' or 'left'")
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "repetition_penalty": repetition_penalty, "seed": seed, "stop": tuple(stop or ())}
-    Sampling(**sampling).check()  # before the bundle loads
+    if chat and (len(prompt) > 1 or truncate != "none"):
+        raise KninferError("--chat takes one --prompt (the user message) and no --truncate")
+    sampling = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     prompts = [_stdin_text() if p == "-" else _argv_text(p, f"--prompt {n}") for n, p in enumerate(prompt, 1)]
     lm = _load(bundle, "causal-lm", "text generation", threads, low_memory)
-    if stream and len(prompts) == 1:
-        pieces = lm.stream(prompts[0], truncate=truncate == "left", **sampling)
-        for piece in pieces:
-            _write(piece)
-        _write("\n")
-        result = pieces.result
+    if chat or (stream and len(prompts) == 1):
+        pieces = (lm.chat_stream([{"role": "user", "content": prompts[0]}], **sampling) if chat
+                  else lm.stream(prompts[0], truncate=truncate == "left", **sampling))
+        result = _print_reply(pieces, stream)
     else:
         result = lm.complete(prompts, truncate=truncate == "left", **sampling)
         for number, text in enumerate(result.texts, 1):
             _write(f"[{number}] {text}\n" if len(prompts) > 1 else f"{text}\n")
     print(result.summary(), file=sys.stderr)
+
+
+def chat(
+    bundle: BundleArg,
+    system: Annotated[str | None, typer.Option(help="A system message to open the conversation with (default: "
+                                                     "the chat template's own, if it has one).")] = None,
+    max_new_tokens: MaxNewTokensOption = 256,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
+    stop: StopOption = None,
+    threads: ThreadsOption = None,
+    low_memory: LowMemoryOption = False,
+) -> None:
+    """Talk with a chat bundle (one with a chat template, e.g. SmolLM2-Instruct): each line read is a user message,
+    the reply streams back. The conversation is kept; when it outgrows the context its oldest turns are dropped
+    (the system message stays). '/reset' starts it again; an empty line or end of input (Ctrl-D) ends it. Timing
+    lines go to stderr."""
+    sampling = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+    opening = [{"role": "system", "content": _argv_text(system, "--system")}] if system is not None else []
+    lm = _load(bundle, "causal-lm", "chat", threads, low_memory)
+    lm.chat_template  # noqa: B018 -- refuses a bundle without one before the first line is read
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with suppress(ImportError):  # line editing for input(); not on every platform
+            import readline  # noqa: F401
+    history: list[dict[str, str]] = []
+    dropped = False
+    try:
+        while line := _read_line("> " if interactive else ""):
+            if line == "/reset":
+                history = []
+                stderr.print("(conversation cleared)")
+                continue
+            messages = lm.fit_conversation([*opening, *history, {"role": "user", "content": line}], max_new_tokens)
+            if len(messages) < len(opening) + len(history) + 1 and not dropped:
+                stderr.print("(the conversation outgrew the model's context: its oldest turns are dropped)")
+                dropped = True
+            result = _print_reply(lm.chat_stream(messages, **sampling), stream=True)
+            history = [*messages[len(opening):], {"role": "assistant", "content": result.texts[0]}]
+            print(result.summary(), file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C ends the conversation, as Ctrl-D does, without a traceback
+        _write("\n")
 
 
 def classify(
@@ -154,6 +207,38 @@ def _shown(prediction: Prediction) -> str:
     return prediction.label if prediction.label is not None else f"{prediction.score:.4f}"
 
 
+def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+              seed: int | None, stop: list[str] | None) -> dict[str, Any]:
+    """The sampling options as `LanguageModel`'s keywords, checked before the bundle loads."""
+    from kninfer.runtime.generate import Sampling
+
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "repetition_penalty": repetition_penalty, "seed": seed, "stop": tuple(stop or ())}
+    Sampling(**sampling).check()
+    return sampling
+
+
+def _print_reply(pieces: TextStream, stream: bool) -> Generation:
+    """Print a TextStream's text and a newline, piece by piece with `stream`; its Generation."""
+    if stream:
+        for piece in pieces:
+            _write(piece)
+        _write("\n")
+    else:
+        _write("".join(pieces) + "\n")
+    return pieces.result
+
+
+def _read_line(prompt: str) -> str:
+    """The next line of stdin, stripped; "" at its end."""
+    try:
+        return _argv_text(input(prompt), "the input line").strip()
+    except EOFError:
+        return ""
+    except UnicodeDecodeError as error:
+        raise KninferError(f"stdin is not UTF-8 text ({error.reason})") from None
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -177,4 +262,4 @@ def _argv_text(text: str, option: str) -> str:
 
 
 eval_.__name__ = "eval"  # the command's name (typer reads __name__); `eval` itself would shadow the builtin
-COMMANDS = [generate, classify, eval_]
+COMMANDS = [generate, chat, classify, eval_]

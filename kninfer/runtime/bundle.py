@@ -32,7 +32,7 @@ FIELDS: dict[str, tuple[type, bool]] = {
     "onnx_data_file": (str, False), "tokenizer_file": (str, False), "onnx_sha256": (str, False),
     "tokenizer_sha256": (str, False), "labels": (list, False), "glue_task": (str, False), "kv_cache": (dict, False),
     "model_type": (str, False), "variant": (str, False), "parameters": (int, False), "kronecker": (dict, False),
-    "versions": (dict, False),
+    "versions": (dict, False), "chat_template": (str, False),
 }
 KV_FIELDS: dict[str, tuple[type, bool]] = {**dict.fromkeys(KV_KEYS[:3], (int, True)),
                                            **dict.fromkeys(KV_KEYS[3:], (str, True))}

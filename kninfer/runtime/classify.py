@@ -23,13 +23,15 @@ class Prediction:
 
 
 def encode_inputs(tokenizer: Tokenizer, inputs: list[tuple[str, ...]], max_length: int) -> list[list[int]]:
-    """Token ids per input, cut on the right at `max_length` (as fine-tuning's `truncation=True`)."""
+    """Token ids per input with the tokenizer's special tokens, the text cut on the right to fit `max_length` with
+    them (as fine-tuning's `tokenizer(text, truncation=True, max_length=...)`)."""
     encoded = []
     for number, texts in enumerate(inputs, 1):
         if not 1 <= len(texts) <= 2:
             raise KninferError(f"input {number} has {len(texts)} texts: expected a sentence or a pair")
-        ids = encode(tokenizer, input_text(texts))[:max_length]
-        if not ids:
+        text = input_text(texts)
+        ids = encode(tokenizer, text, max_length=max_length)
+        if not text or not ids:  # a BOS alone is no text
             raise KninferError(f"input {number} is empty: expected some text to classify")
         encoded.append(ids)
     return encoded

@@ -74,22 +74,28 @@ class _Row:
     done: bool = False
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """How many prompt tokens a cut keeps: room for `max_new_tokens`, though never less than half the context."""
+    return max(context - max_new_tokens, (context + 1) // 2)
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str], context: int, max_new_tokens: int,
-                   truncate: bool) -> list[list[int]]:
-    """Token ids per prompt; a prompt that fills the context is an error, or with `truncate` keeps its last tokens:
-    room for `max_new_tokens`, though never less than half the context. A prompt that fits is kept whole."""
+                   truncate: bool, special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per prompt (`special_tokens`: as `encode`); a prompt that fills the context is an error, or with
+    `truncate` keeps its last `prompt_budget` tokens (the tokenizer's special tokens kept). A prompt that fits is
+    kept whole."""
     if not prompts:
         raise KninferError("no prompt given: pass --prompt TEXT (or --prompt - to read stdin)")
     encoded = []
     for number, prompt in enumerate(prompts, 1):
-        ids = encode(tokenizer, prompt)
-        if not ids:
+        ids = encode(tokenizer, prompt, special_tokens)
+        if not prompt or not ids:  # a BOS alone is no prompt
             raise KninferError(f"prompt {number} is empty: expected some text to continue")
         if len(ids) >= context:
             if not truncate:
                 raise KninferError(f"prompt {number} has {len(ids)} tokens but the model's context is {context}: "
                                    "shorten it or pass --truncate left")
-            ids = ids[-max(context - max_new_tokens, (context + 1) // 2):]
+            ids = encode(tokenizer, prompt, special_tokens, prompt_budget(context, max_new_tokens), side="left")
         encoded.append(ids)
     return encoded
 
@@ -126,19 +132,21 @@ def next_tokens(logits: np.ndarray, history: list[list[int]], sampling: Sampling
 
 
 def decoding(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling = Sampling(),
-             truncate: bool = False) -> Iterator[Generation]:
+             truncate: bool = False, special_tokens: bool = True) -> Iterator[Generation]:
     """Continue each prompt (a left-padded batch) until EOS, a stop string, max_new_tokens or the context is reached,
     yielding the Generation after each new token: one object, updated in place, complete after the last yield.
-    Bad settings and prompts raise here, before the first step."""
+    Bad settings and prompts raise here, before the first step. `special_tokens` False: the prompts are rendered
+    chat templates, which write their own."""
     sampling.check()
-    prompt_ids = encode_prompts(tokenizer, prompts, model.bundle.context_length, sampling.max_new_tokens, truncate)
+    prompt_ids = encode_prompts(tokenizer, prompts, model.bundle.context_length, sampling.max_new_tokens, truncate,
+                                special_tokens)
     return _steps(model, tokenizer, prompt_ids, sampling)
 
 
 def generate(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling = Sampling(),
-             truncate: bool = False) -> Generation:
+             truncate: bool = False, special_tokens: bool = True) -> Generation:
     """The finished Generation of `decoding`: its last yield."""
-    *_, finished = decoding(model, tokenizer, prompts, sampling, truncate)
+    *_, finished = decoding(model, tokenizer, prompts, sampling, truncate, special_tokens)
     return finished
 
 

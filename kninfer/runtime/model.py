@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ from tokenizers import Tokenizer
 
 from kninfer.errors import KninferError
 from kninfer.runtime.bundle import Bundle, read_bundle, read_tokenizer
+from kninfer.runtime.chat import ChatTemplate, Message, chat_template
 from kninfer.runtime.classify import Prediction, classify, predictions
-from kninfer.runtime.generate import Generation, Sampling, TextStream, decoding, generate
+from kninfer.runtime.generate import Generation, Sampling, TextStream, decoding, generate, prompt_budget
 from kninfer.runtime.perplexity import Perplexity, perplexity
 from kninfer.runtime.session import CausalLM, Classifier
 from kninfer.runtime.tasks import get_task, read_glue_tsv
@@ -35,10 +37,11 @@ def load(path: str | Path, *, threads: int | None = None,
 
 @dataclass(frozen=True)
 class LanguageModel:
-    """A causal-LM bundle: generate or stream continuations, score text.
+    """A causal-LM bundle: generate or stream continuations, chat (with the bundle's chat template), score text.
 
     Sampling keywords are those of `Sampling` (max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-    seed, stop: a string or several), plus `truncate`: keep the end of a prompt that fills the context.
+    seed, stop: a string or several), plus `truncate`: keep the end of a prompt that fills the context. Prompts
+    get the special tokens the tokenizer adds (a Llama tokenizer's BOS; none for GPT-2).
     """
 
     info: Bundle
@@ -60,10 +63,39 @@ class LanguageModel:
         options = _sampling(sampling)
         return TextStream(decoding(self.session, self.tokenizer, [prompt], options, truncate), options.stop)
 
+    def chat(self, messages: list[Message], **sampling: Any) -> str:
+        """The assistant's reply to `messages` ({"role": ..., "content": ...} dicts, oldest first) rendered with the
+        bundle's chat template; decoding stops at the bundle's EOS (SmolLM2's <|im_end|>). The oldest turns that do
+        not fit the context are left out (`fit_conversation`)."""
+        return "".join(self.chat_stream(messages, **sampling))
+
+    def chat_stream(self, messages: list[Message], **sampling: Any) -> TextStream:
+        """The reply `chat` gives, in pieces as `stream` hands them out."""
+        options = _sampling(sampling)
+        prompt = self.chat_template.render(self.fit_conversation(messages, options.max_new_tokens))
+        return TextStream(decoding(self.session, self.tokenizer, [prompt], options, special_tokens=False),
+                          options.stop)
+
+    def fit_conversation(self, messages: list[Message],
+                         max_new_tokens: int = Sampling.max_new_tokens) -> list[Message]:
+        """The messages `chat` sends: `messages` less their oldest turns (a leading system message stays) while the
+        prompt is longer than a `truncate` cut keeps (room for `max_new_tokens`, at least half the context); an error
+        when the last message alone fills the context."""
+        context = self.info.context_length
+        return self.chat_template.fit(messages, context, prompt_budget(context, max_new_tokens))
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The bundle's chat template, compiled on first use; an error when the bundle has none."""
+        return chat_template(self.info, self.tokenizer)
+
     def perplexity(self, text: str, *, stride: int | None = None, max_length: int | None = None,
                    progress: Progress | None = None) -> Perplexity:
         """Sliding-window perplexity of `text` as given: windows of `max_length` tokens (default the context) every
-        `stride` tokens (default half a window), each token scored once (`kninfer.runtime.perplexity.windows`)."""
+        `stride` tokens (default half a window), each token scored once (`kninfer.runtime.perplexity.windows`).
+        The whole text is encoded once with the tokenizer's special tokens, as `tokenizer(text)` in eval-lm: a Llama
+        BOS comes once, before the text's first token (which it lets be scored), not at each window; GPT-2 adds
+        none."""
         return perplexity(self.session, encode(self.tokenizer, text), stride, max_length, progress)
 
 
