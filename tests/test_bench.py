@@ -138,6 +138,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.glob("latency-*"))
 
 
+def test_family_needs_the_zoo(tmp_path):
+    done = subprocess.run([sys.executable, str(LATENCY), "--family", "llama", "--bundle", str(tmp_path),
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--family llama chooses the zoo" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not list(tmp_path.glob("latency-*"))
+
+
 def test_measure_bandwidth_reads_the_whole_array():
     """The bandwidth job reports bytes that match its array and a plausible rate (independent: the sizes)."""
     done = subprocess.run([sys.executable, str(REPO / "bench" / "measure.py"),
@@ -147,3 +154,192 @@ def test_measure_bandwidth_reads_the_whole_array():
     assert result["bytes"] == 2**24
     assert result["gb_s"] == max(result["sum_1_thread_gb_s"], result["sum_threads_gb_s"], result["gemv_gb_s"])
     assert np.isfinite(result["gb_s"]) and result["gb_s"] > 0.1
+
+
+# --- the zoo per family, and targets chosen by what a model is ------------------------------------------------------
+
+ZOO_FIELDS = {"name", "path", "runtime", "family", "preset", "tie_head", "variant"}
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=4, n_head=4)
+
+
+def _tiny_smollm2():
+    """SmolLM2-135M's shape in miniature: GQA, head_dim set, tied embeddings, and a vocabulary smaller than GPT-2's
+    tokenizer (which the zoo must then cut to fit)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       rope_theta=1e5, tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+
+
+TINY_CONFIGS = {"gpt2": _tiny_gpt2, "llama": _tiny_smollm2}
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    """bench/zoo.py and bench/latency.py imported as latency.py imports zoo (bench/ on sys.path)."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    import latency
+    import zoo
+
+    return zoo, latency
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def tiny_zoo(request, bench_modules, tmp_path_factory, gpt2_tokenizer):
+    """A family's zoo built on a tiny config: (ZooFamily, entries, zoo folder)."""
+    import dataclasses
+
+    zoo, _ = bench_modules
+    family = dataclasses.replace(zoo.FAMILIES[request.param], config=TINY_CONFIGS[request.param])
+    out = tmp_path_factory.mktemp(f"zoo-{request.param}")
+    entries = zoo.build_zoo(out, gpt2_tokenizer.backend_tokenizer.to_str(), progress=lambda _: None, family=family)
+    return family, entries, out
+
+
+def _folder_bytes(path: str) -> int:
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def fake_measure(spec: dict, timeout: float) -> dict:
+    """bench/measure.py's answers without running anything: decode time proportional to the model's bytes (1 ms per
+    MB), as on a bandwidth-bound CPU; enough for the target selection, which is what these tests check."""
+    if spec["job"] == "bandwidth":
+        return {"gb_s": 10.0}
+    size = _folder_bytes(spec["path"])
+    ms = size / 1e6
+    if spec["job"] == "latency":
+        return {"load_s": 0.01, "prefill_ms": {str(n): ms * n for n in spec["prompt_lengths"]},
+                "decode_ms": {str(p): {"p50": ms, "p90": ms, "steps": [ms]} for p in spec["past_lengths"]},
+                "baseline_rss_bytes": 1, "peak_rss_bytes": size + 50_000_000}
+    return {"peak_rss_bytes": size + 50_000_000, "new_tokens": spec["new_tokens"]}
+
+
+def _run_in_process(latency, monkeypatch, tmp_path, data_dir, *argv: str) -> dict:
+    monkeypatch.setattr(latency, "measure", fake_measure)
+    argv = [*argv, "--quick", "--past-lengths", "4", "--prompt-lengths", "4", "--memory", "--new-tokens", "4",
+            "--tokenizer", str(data_dir / "gpt2-tokenizer"), "--out-dir", str(tmp_path / "results")]
+    return latency.run(latency.parse_args(argv), argv)
+
+
+def test_zoo_families_are_described_alike_in_bench_and_kninfer(bench_modules):
+    """latency.py reads bundles without torch, so it keeps the families' embedding and MLP paths itself."""
+    from kninfer.modeling.families import FAMILIES
+
+    zoo, latency = bench_modules
+    assert latency.EMBEDDINGS == {name: family.embedding for name, family in FAMILIES.items()}
+    assert latency.MLP_MAPS == {name: family.mlp for name, family in FAMILIES.items()}
+    assert set(latency.ZOO_FAMILIES) == set(zoo.FAMILIES) and all(k == f.family for k, f in zoo.FAMILIES.items())
+    config = zoo.FAMILIES["llama"].config()
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_key_value_heads,
+            config.head_dim, config.tie_word_embeddings) == (49152, 576, 30, 3, 64, True)
+
+
+def test_zoo_entries_say_what_each_model_is(tiny_zoo, bench_modules):
+    """Same students in every family, named after it; each entry's kind is what its bundle's kninfer.json says
+    (model_kind), except distil, which a bundle alone cannot tell from a dense model."""
+    from tokenizers import Tokenizer
+
+    family, entries, _ = tiny_zoo
+    _, latency = bench_modules
+    p, s = family.prefix, family.short
+    assert [e["name"] for e in entries] == [
+        f"{s}-fp32", f"{s}-int8", f"optimum-{s}-fp32", f"optimum-{s}-int8", f"torch-{s}",
+        f"{p}kngpt2-fp32", f"{p}kngpt2-int8", f"torch-{p}kngpt2", f"{p}kngpt2-tied-fp32", f"{p}kngpt2-tied-int8",
+        f"{p}krony-pt-fp32", f"{p}krony-pt-int8", f"{p}distil-fp32", f"{p}distil-int8"]
+    assert family.reference == f"{s}-fp32"
+    assert (s, p) == {"gpt2": ("gpt2", ""), "llama": ("smollm2", "smollm2-")}[family.family]  # GPT-2's names as before
+    params = {}
+    for entry in entries:
+        assert set(entry) == ZOO_FIELDS and entry["family"] == family.family
+        if entry["runtime"] == "torch":
+            meta = json.loads((Path(entry["path"]) / "config.json").read_text())
+        else:
+            bundle = read_bundle(entry["path"])
+            meta = bundle.meta
+            assert meta["variant"] == entry["variant"]
+            params[entry["name"]] = meta["parameters"]
+            tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+            assert tokenizer.get_vocab_size(with_added_tokens=True) <= bundle.vocab_size
+            assert tokenizer.token_to_id("<|endoftext|>") == bundle.eos_token_id
+        expected = {k: entry[k] for k in ("family", "preset", "tie_head")}
+        if entry["preset"] == "distil":
+            expected["preset"] = None
+        assert latency.model_kind(meta) == expected, entry["name"]
+    # "kngpt2" keeps the paper's untied dense head although both teachers tie theirs (compress's default)
+    assert params[f"{p}kngpt2-fp32"] > params[f"{p}kngpt2-tied-fp32"]
+
+
+def test_zoo_run_selects_targets_by_kind(tiny_zoo, bench_modules, monkeypatch, tmp_path, data_dir):
+    """--zoo --family: the reference is the family's dense fp32; the tied target picks only the tied kngpt2 student,
+    the Kronecker targets every Kronecker student and neither distil nor a dense model; speed targets say when they
+    were carried over from GPT-2 small."""
+    family, entries, out = tiny_zoo
+    zoo, latency = bench_modules
+    monkeypatch.setitem(zoo.FAMILIES, family.family, family)
+    results = _run_in_process(latency, monkeypatch, tmp_path, data_dir, "--zoo", "--family", family.family,
+                              "--zoo-dir", str(out))
+    p = family.prefix
+    assert results["settings"]["reference"] == family.reference and results["settings"]["zoo"] == family.family
+    assert [m["name"] for m in results["models"]] == [e["name"] for e in entries]
+    rows = results["targets"]
+    tied = {t["model"] for t in rows if "--tie-head" in t["target"]}
+    assert tied == {f"{p}kngpt2-tied-fp32"}
+    assert any("1.4x" in t["target"] for t in rows if t["model"] == f"{p}kngpt2-tied-fp32")
+    kronecker = {f"{p}{name}-{v}" for name in ("kngpt2", "kngpt2-tied", "krony-pt") for v in ("fp32", "int8")}
+    assert {t["model"] for t in rows if t["target"].startswith("peak RSS")} == kronecker
+    (best,) = [t for t in rows if "best int8 Kronecker >= 3x" in t["target"]]
+    assert best["model"] in kronecker and best["model"].endswith("-int8")
+    (over_dense,) = [t for t in rows if "best int8 Kronecker >= 1.3x" in t["target"]]
+    assert over_dense["target"].split(" than ")[1].startswith(f"{family.short}-int8")
+    carried = family.family != "gpt2"
+    speed = [t for t in rows if "faster than" in t["target"]]
+    assert len(speed) == 3 and all(t["carried_over"] is carried for t in speed)
+    assert all(("carried over from GPT-2 small" in t["target"]) is carried for t in speed)
+    assert not any(t["carried_over"] for t in rows if t not in speed)
+    assert ("apply them unchanged to the llama family" in results["markdown"]) is carried
+    assert f"| {p}krony-pt-fp32 | onnxruntime | fp32 | {family.family} krony-pt |" in results["markdown"]
+
+
+def test_a_krony_pt_student_is_not_taken_for_kngpt2(tiny_zoo, bench_modules, monkeypatch, tmp_path, data_dir):
+    """A Krony-PT-shaped student (MLP maps only) compressed from a JSON spec on a tied teacher keeps the spec's
+    tie_head true in kninfer.json (compress's tie_head follows the teacher), and its model_type is kngpt2 for a
+    GPT-2: the old `model_type == "kngpt2" and tie_head` filter took it for "kngpt2 --tie-head". What it is decides."""
+    import torch
+
+    from kninfer.export import export_bundle
+    from kninfer.modeling.compress import compress
+    from kninfer.modeling.families import family_of
+
+    family, entries, _ = tiny_zoo
+    _, latency = bench_modules
+    torch.manual_seed(0)
+    config = family.config()
+    teacher = family_of(config).causal_lm(config).eval()
+    mlp = {"gpt2": "transformer.h.*.mlp.*", "llama": "model.layers.*.mlp.*"}[family.family]
+    spec = tmp_path / "mlp-only.json"
+    spec.write_text(json.dumps({"modules": {mlp: {"m2": 4, "n2": 4}}}))
+    student, _ = compress(teacher, str(spec))
+    by_name = {e["name"]: e for e in entries}
+    tied = by_name[f"{family.prefix}kngpt2-tied-fp32"]["path"]
+    bundle = tmp_path / "mlp-only" / "model.onnx"
+    export_bundle(student.eval(), bundle, tokenizer_json=read_bundle(tied).tokenizer_path.read_text(), verify=False)
+    meta = read_bundle(bundle).meta
+    written = meta["kronecker"]  # as compress wrote it: tie_head true, the embedding dense
+    assert written["tie_head"] is True and latency.EMBEDDINGS[family.family] not in written["modules"]
+    assert latency.model_kind(meta) == {"family": family.family, "preset": "krony-pt", "tie_head": False}
+
+    results = _run_in_process(latency, monkeypatch, tmp_path, data_dir,
+                              "--bundle", by_name[f"{family.short}-fp32"]["path"], "--bundle", tied,
+                              "--bundle", str(bundle))
+    assert {t["model"] for t in results["targets"] if "--tie-head" in t["target"]} == {Path(tied).parent.name}
+    kinds = {m["name"]: (m["preset"], m["tie_head"]) for m in results["models"]}
+    assert kinds["mlp-only"] == ("krony-pt", False) and kinds[Path(tied).parent.name] == ("kngpt2", True)
+    assert "mlp-only" in {t["model"] for t in results["targets"] if t["target"].startswith("peak RSS")}

@@ -3,6 +3,8 @@ dense Llama they come from."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -98,10 +100,20 @@ def test_distil_keeps_every_other_llama_layer(tiny_llama):
 @pytest.mark.parametrize("suffix", [".pt", ""])
 def test_llama_student_save_load_round_trip(tmp_path, tiny_llama, llama_tokenizer, suffix):
     student, _ = compress(tiny_llama, "kngpt2")
-    loaded, tokenizer = load(save(student.eval(), tmp_path / f"student{suffix}", llama_tokenizer))
+    chat = copy.deepcopy(llama_tokenizer)
+    chat.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    loaded, tokenizer = load(save(student.eval(), tmp_path / f"student{suffix}", chat))
     assert type(loaded) is KnLlamaForCausalLM and loaded.config.kronecker == student.config.kronecker
     assert torch.equal(loaded(IDS).logits, student(IDS).logits)
     assert tokenizer("hi").input_ids == llama_tokenizer("hi").input_ids
+    assert tokenizer.chat_template == chat.chat_template  # the .pt carries it too
+
+
+def test_gguf_or_onnx_outputs_are_refused(tmp_path, tiny_llama):
+    for name in ("student.gguf", "student.onnx"):
+        with pytest.raises(KninferError, match="not .(gguf|onnx)"):
+            save(tiny_llama, tmp_path / name)
+        assert not (tmp_path / name).exists()
 
 
 @pytest.mark.parametrize("tie_head", [True, False])

@@ -1,4 +1,5 @@
-"""Load and save models: a Hugging Face directory, a hub name, or a kninfer `.pt` file (weights only)."""
+"""Load and save models: a Hugging Face directory, a hub name, or a kninfer `.pt` file (weights only); load a GGUF
+file too."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import re
 import warnings
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import model_info
@@ -25,12 +28,15 @@ from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     AutoTokenizer,
+    GenerationConfig,
+    LlamaTokenizerFast,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint, read_field
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.utils import cached_file
+from transformers.utils import cached_file, is_gguf_available
 from transformers.utils.hub import get_checkpoint_shard_files
 
 import kninfer.modeling  # noqa: F401  (registers kngpt2 with the Auto classes)
@@ -38,7 +44,8 @@ from kninfer.atomic import atomic_path, check_folder_output
 from kninfer.errors import KninferError
 
 PT_FORMAT = "kninfer"
-FILE_SUFFIXES = (".pt", ".safetensors", ".json", ".onnx", ".bin")  # names with these are paths, never hub models
+# names with these suffixes are paths, never hub models
+FILE_SUFFIXES = (".pt", ".safetensors", ".json", ".onnx", ".bin", ".gguf")
 NOT_CHECKPOINTS = {
     ".onnx": "is an ONNX graph: pass a checkpoint, or use `kninfer generate` for bundles",
     ".safetensors": "is a bare weights file: pass the Hugging Face directory that holds it and its config.json",
@@ -50,12 +57,23 @@ NULLABLE_SUFFIX = "_token_id"  # token ids default to GPT-2's but may be null
 # fields whose default is null: null, or of this type
 NULL_DEFAULT_TYPES = {"architectures": list, "n_inner": int, "pad_token_id": int, "dtype": str, "torch_dtype": str}
 HUB_TIMEOUT_S = 10
+# the GGUF architectures kninfer reads, and the tokenizer transformers converts each one's vocabulary to: the fixes in
+# _gguf_tokenizer are checked for this one
+GGUF_TOKENIZERS = {"llama": LlamaTokenizerFast}
+GGUF_MAGIC = b"GGUF"
+GGUF_TOKENIZER_FIELDS = {"add_bos_token": bool, "add_eos_token": bool, "bos_token_id": int, "eos_token_id": int,
+                         "padding_token_id": int, "unknown_token_id": int}  # under tokenizer.ggml.
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+                       "unk_token": "unknown_token_id"}
+GGUF_CONFIG_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id"}
 
 
 def load(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | None]:
-    """The model and its tokenizer (None when the source has none) from a `.pt`, a directory or a hub name."""
-    if Path(source).is_file():
-        return _load_pt(Path(source))
+    """The model and its tokenizer (None when the source has none) from a `.pt`, a `.gguf`, a directory or a hub
+    name."""
+    path = Path(source)
+    if path.is_file():
+        return _load_gguf(path) if path.suffix == ".gguf" else _load_pt(path)
     name, local_only = _locate(str(source))
     return _from_pretrained(name, local_only), _pretrained_tokenizer(name, local_only)
 
@@ -90,6 +108,9 @@ def save(model: PreTrainedModel, out: str | Path, tokenizer: PreTrainedTokenizer
 def check_output(out: str | Path, overwrite: bool = False) -> None:
     """Raise now, before training, if `save(..., out, overwrite=overwrite)` would refuse `out`."""
     out = Path(out)
+    if out.suffix in (".gguf", ".onnx", ".safetensors"):
+        raise KninferError(f"'{out}': kninfer saves checkpoints as a folder or a .pt file, not {out.suffix} "
+                           "(`kninfer export` writes ONNX)")
     if out.suffix != ".pt":
         check_folder_output(out, "checkpoint", overwrite)
     elif out.is_dir():
@@ -379,6 +400,152 @@ def _load_pt(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | Non
     return model, tokenizer
 
 
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast | None]:
+    """The model (weights dequantised to fp32) and tokenizer of a GGUF file, read by transformers, with the special
+    tokens, BOS/EOS flags and chat template that the file gives."""
+    reader = _read_gguf(path)
+    architecture = _gguf_field(reader, "general.architecture", str, path)
+    if architecture not in GGUF_TOKENIZERS:
+        raise KninferError(f"'{path}': GGUF architecture {architecture!r} is not supported: kninfer reads "
+                           f"{', '.join(GGUF_TOKENIZERS)} GGUF files")
+    scaling = _gguf_field(reader, f"{architecture}.rope.scaling.type", str, path)
+    if scaling not in (None, "none"):
+        raise KninferError(f"'{path}' is refused: transformers would ignore its rope scaling '{scaling}'")
+    fields = _gguf_tokenizer_fields(reader, path)
+    config_dict = _gguf_config(path)
+    if config_dict.get("model_type") != architecture:  # a llama file named "mistral" is read as mistral
+        raise KninferError(f"'{path}': transformers reads it as model_type {config_dict.get('model_type')!r}, "
+                           f"which kninfer does not read from GGUF")
+    config_dict.update({key: fields[field] for key, field in GGUF_CONFIG_IDS.items()})
+    config = _config(config_dict, str(path))
+    with _loading_errors(str(path)):
+        empty = _empty_model(model_class(config), config, len(reader.tensors))
+        names = _gguf_names(empty, architecture, config.num_hidden_layers)
+        # transformers skips the tensors it cannot name (llama 3's rope_freqs): the model would silently differ
+        _check_keys([], [tensor.name for tensor in reader.tensors if tensor.name not in names], [])
+        held = {names[tensor.name]: tuple(int(n) for n in reversed(tensor.shape)) for tensor in reader.tensors}
+        # given a generation config, transformers reads no generation_config.json or custom_generate/ beside the file
+        with _quiet_progress():
+            model = _build_model(config, held, pretrained_model_name_or_path=str(path), gguf_file=str(path),
+                                 local_files_only=True, generation_config=GenerationConfig.from_model_config(config))
+    model.generation_config = GenerationConfig.from_model_config(model.config)  # generate() fails on the given one
+    tokenizer = _gguf_tokenizer(path, architecture, fields) if "tokenizer.ggml.tokens" in reader.fields else None
+    return model, tokenizer
+
+
+def _read_gguf(path: Path) -> Any:
+    """A `gguf.GGUFReader` of `path`, which has read its header, metadata and tensor table."""
+    if not is_gguf_available():
+        raise KninferError(f"'{path}': reading GGUF files needs the gguf package (0.10 or later): "
+                           'pip install gguf, or pip install "kninfer[train]"')
+    from gguf import GGUFReader, GGUFValueType
+
+    class StrictReader(GGUFReader):
+        """gguf's reader, except that reading past the end of the file raises: gguf's reads empty arrays there, and
+        loops for ever over a metadata array whose length is corrupt."""
+
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            end = offset + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise ValueError(f"it ends before byte {end:,}")
+            return super()._get(offset, dtype, count, override_order)
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+            if raw_type == GGUFValueType.ARRAY:  # its item type (uint32), then its length (uint64)
+                length = int(self._get(orig_offs + 4, np.uint64)[0])
+                if length > len(self.data) - orig_offs:  # every item takes a byte at least
+                    raise ValueError(f"an array at byte {orig_offs:,} claims {length:,} items")
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    try:
+        with path.open("rb") as file:
+            magic = file.read(len(GGUF_MAGIC))
+    except OSError as error:
+        raise KninferError(f"cannot read '{path}': {error.strerror or error}") from None
+    if magic != GGUF_MAGIC:
+        raise KninferError(f"'{path}' is not a GGUF file: it does not start with {GGUF_MAGIC.decode()}")
+    try:
+        return StrictReader(path)
+    except (ValueError, KeyError, IndexError, OverflowError, OSError) as error:  # what gguf raises on a damaged file
+        raise KninferError(f"'{path}' is a truncated or corrupt GGUF file: {_first_line(error)}") from None
+
+
+def _gguf_field(reader: Any, key: str, kind: type, path: Path) -> Any:
+    """The value of the GGUF metadata field `key` (None when absent), which must be one `kind`."""
+    try:
+        values = read_field(reader, key)
+    except ValueError as error:  # a value of a type transformers cannot read, or a string that is not UTF-8
+        raise KninferError(f"'{path}': its GGUF field {key} is unreadable: {_first_line(error)}") from None
+    if not values:
+        return None
+    if len(values) != 1 or type(values[0]) is not kind:  # type(): a bool is no int here
+        raise KninferError(f"'{path}': its GGUF field {key} must be one {kind.__name__}, got {values!r:.60}")
+    return values[0]
+
+
+def _gguf_tokenizer_fields(reader: Any, path: Path) -> dict[str, Any]:
+    """The tokenizer fields of a GGUF file that transformers misreads or ignores (None where absent), checked."""
+    fields = {name: _gguf_field(reader, f"tokenizer.ggml.{name}", kind, path)
+              for name, kind in GGUF_TOKENIZER_FIELDS.items()}
+    fields["chat_template"] = _gguf_field(reader, "tokenizer.chat_template", str, path)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    size = len(tokens.data) if tokens is not None else 0
+    for name in GGUF_SPECIAL_TOKENS.values():
+        if fields[name] is not None and not 0 <= fields[name] < size:
+            raise KninferError(f"'{path}': its tokenizer.ggml.{name} {fields[name]} is not among its {size} tokens")
+    return fields
+
+
+def _gguf_config(path: Path) -> dict[str, Any]:
+    """The config transformers reads from a GGUF file's metadata."""
+    try:
+        with _quiet_libraries():
+            return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except (ValueError, KeyError, IndexError, TypeError) as error:  # what its parsing of odd metadata raises
+        raise KninferError(f"'{path}': cannot read its GGUF metadata: {_first_line(error)}") from None
+
+
+def _gguf_names(model: nn.Module, architecture: str, layers: int) -> dict[str, str]:
+    """The names of `model`'s tensors in a GGUF file of `architecture`, mapped to the model's names."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    # as transformers' get_gguf_hf_weights_map does, without its walk of every submodule (seconds for 30 layers)
+    arch = next(key for key, name in MODEL_ARCH_NAMES.items() if name == architecture)
+    gguf_names = get_tensor_name_map(arch, layers)
+    names = {}
+    for key in model.state_dict():
+        module, _, kind = key.rpartition(".")
+        gguf_name = gguf_names.get_name(module)
+        if gguf_name is not None:
+            names[f"{gguf_name}.{kind}"] = key
+    return names
+
+
+def _gguf_tokenizer(path: Path, architecture: str, fields: dict[str, Any]) -> PreTrainedTokenizerFast:
+    """The tokenizer transformers converts from a GGUF file, set to the file's special tokens, BOS/EOS flags and chat
+    template: transformers 4.57 makes the BOS token the EOS too, and adds a BOS whatever the file says."""
+    try:
+        with _quiet_libraries(), _quiet_progress():
+            tokenizer = GGUF_TOKENIZERS[architecture](vocab_file=str(path), gguf_file=str(path))
+        for attribute, name in GGUF_SPECIAL_TOKENS.items():
+            token = None if fields[name] is None else tokenizer.convert_ids_to_tokens(fields[name])
+            setattr(tokenizer, attribute, token)
+        for flag in ("add_bos_token", "add_eos_token"):  # the setters rebuild the post-processor with the tokens above
+            setattr(tokenizer, flag, getattr(tokenizer, flag) if fields[flag] is None else fields[flag])
+    except Exception as error:  # tokenizers raises bare Exception, transformers' conversion many types
+        raise KninferError(f"'{path}': its tokenizer is unreadable: {_first_line(error)}") from None
+    tokenizer.chat_template = fields["chat_template"]
+    tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF beside the model as tokenizer.model
+    return tokenizer
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide the progress bars transformers' GGUF reading draws on stderr: no logger level or setting turns them off."""
+    with redirect_stderr(StringIO()):
+        yield
+
+
 def _read_pt(path: Path) -> dict[str, Any]:
     """The payload of a kninfer `.pt`, read with torch's weights-only unpickler after checking the archive."""
     if path.suffix in NOT_CHECKPOINTS:
@@ -428,7 +595,10 @@ def _first_line(error: BaseException) -> str:
 
 def _tokenizer_payload(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:
     specials = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    return {"tokenizer_json": tokenizer.backend_tokenizer.to_str(), "special_tokens": json.dumps(specials)}
+    payload = {"tokenizer_json": tokenizer.backend_tokenizer.to_str(), "special_tokens": json.dumps(specials)}
+    if isinstance(tokenizer.chat_template, str):
+        payload["chat_template"] = tokenizer.chat_template
+    return payload
 
 
 def _tokenizer_from_payload(payload: Any, path: Path) -> PreTrainedTokenizerFast:
@@ -437,6 +607,10 @@ def _tokenizer_from_payload(payload: Any, path: Path) -> PreTrainedTokenizerFast
 
     try:
         specials = json.loads(payload["special_tokens"])
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(payload["tokenizer_json"]), **specials)
+        template = payload.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise TypeError("its chat_template is not text")
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(payload["tokenizer_json"]),
+                                       chat_template=template, **specials)
     except Exception as error:  # tokenizers raises bare Exception for a corrupt JSON, the rest many types
         raise KninferError(f"'{path}': its tokenizer is unreadable: {_first_line(error)}") from None
