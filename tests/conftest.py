@@ -141,3 +141,12 @@ def llama_tokenizer(gpt2_tokenizer):
     backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
                                                 special_tokens=[("<|endoftext|>", 50256)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, data_dir: Path) -> Path:
+    """The first 6,000 characters of the State of the Union training text."""
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    with open(data_dir / "sotu" / "train.txt", encoding="utf-8") as handle:
+        path.write_text(handle.read(6000), encoding="utf-8")
+    return path

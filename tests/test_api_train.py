@@ -24,15 +24,6 @@ SHORT_RUN = {"block_size": 32, "batch_size": 2, "lr": 1e-3, "seed": 3, "logging_
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory, data_dir) -> Path:
-    """The first 6,000 characters of the State of the Union training text."""
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    with open(data_dir / "sotu" / "train.txt", encoding="utf-8") as handle:
-        path.write_text(handle.read(6000), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, tiny_teacher, gpt2_tokenizer) -> Path:
     """The tiny teacher compressed with the kngpt2 preset, saved with its tokenizer."""
     student, _ = compress(tiny_teacher, "kngpt2")

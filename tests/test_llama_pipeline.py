@@ -19,15 +19,6 @@ PROMPTS = ["The state of the Union", "We will"]
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory, data_dir) -> Path:
-    """The first 4,000 characters of the State of the Union training text."""
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    with open(data_dir / "sotu" / "train.txt", encoding="utf-8") as handle:
-        path.write_text(handle.read(4000), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_llama, llama_tokenizer) -> Path:
     return save(tiny_llama, tmp_path_factory.mktemp("llama") / "teacher", llama_tokenizer)
 

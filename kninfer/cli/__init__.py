@@ -17,7 +17,8 @@ except ImportError:  # older typer depends on click itself
     from click.exceptions import ClickException
 
 app = typer.Typer(
-    help="Compress GPT-2 and Llama-family models with Kronecker products, distil them, export to ONNX and run them on CPU.",
+    help="Compress GPT-2 and Llama-family models with Kronecker products, distil them, export to ONNX and run "
+         "them on CPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

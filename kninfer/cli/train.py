@@ -53,7 +53,8 @@ def _resumable() -> Iterator[None]:
 
 
 def distill(
-    student: Annotated[str, typer.Option(help="Student to train: a Kronecker (or layer-dropped) student from `kninfer compress` (dir or .pt).")],
+    student: Annotated[str, typer.Option(
+        help="Student to train: a Kronecker (or layer-dropped) student from `kninfer compress` (dir or .pt).")],
     data: Annotated[str, typer.Option(help="Training text: a .txt/.raw file, a folder of them, or hub "
                                            "dataset:config (wikitext:wikitext-103-raw-v1).")],
     out: Annotated[Path, typer.Option(help="Where to write the trained student: a directory or FILE.pt.")],
