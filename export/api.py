@@ -13,7 +13,6 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kninfer.errors import KninferError
 from kninfer.export.bundle import ExportReport, export_bundle
-from kninfer.export.verify import TOLERANCE
 from kninfer.modeling.io import load
 
 MIN_OPSET = 9  # the traced graph's Range (position ids) has no ONNX form below opset 9
@@ -33,8 +32,9 @@ def export(
     The bundle gets `tokenizer` (an object, a directory or a tokenizer.json; default: the one saved with a loaded
     model) and its chat template for `kninfer chat` (an object's, or a directory's chat_template.jinja or
     tokenizer_config.json's; the "default" one of several). `variant`: fp32, dense (every Kronecker weight
-    materialised) or int8. With `verify`, onnxruntime's logits must match PyTorch's within TOLERANCE (prefill +
-    cached steps). `overwrite` replaces files in the folder that its kninfer.json does not list.
+    materialised) or int8. With `verify`, onnxruntime's logits must match PyTorch's within TOLERANCE times their
+    RMS, at least TOLERANCE (prefill + cached steps). `overwrite` replaces files in the folder that its
+    kninfer.json does not list.
     """
     _check_opset(opset)
     out = Path(out)
@@ -53,7 +53,7 @@ def export(
         log("verification skipped (--no-verify)")
     else:
         log(f"verified: max |Δlogits| onnxruntime vs PyTorch = {report.verification.max_abs_diff:.2e} "
-            f"(≤ {TOLERANCE:g}, prefill + {report.verification.steps} cached steps)")
+            f"(≤ {report.verification.bound:.3g}, prefill + {report.verification.steps} cached steps)")
     if report.int8_agreement is not None:
         source = "a sample text" if sample else "sample token ids"
         log(f"int8 top-1 next-token agreement with fp32 on {source}: {report.int8_agreement:.1%}")

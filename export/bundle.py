@@ -87,7 +87,8 @@ def export_bundle(
         verification = verify_graph(model, graph_bundle(fp32, entry)) if verify else None
         if verification is not None and not verification.ok:
             raise KninferError(f"verification failed: onnxruntime and PyTorch logits differ by "
-                               f"{verification.max_abs_diff:.3g} (> {TOLERANCE:g})")
+                               f"{verification.max_abs_diff:.3g} (> {verification.bound:.3g}: {TOLERANCE:g} × "
+                               "the logits' RMS, at least that)")
         final, agreement = fp32, None
         if variant == "int8":
             final = work / "int8.onnx"

@@ -14,19 +14,28 @@ from transformers.cache_utils import DynamicCache
 from kninfer.runtime.bundle import Bundle
 from kninfer.runtime.session import CausalLM, Classifier, position_ids
 
-TOLERANCE = 1e-4  # max |Δlogits| over real positions, fp32 onnxruntime vs PyTorch
+TOLERANCE = 1e-4  # max |Δlogits| over real positions, fp32 onnxruntime vs PyTorch, per unit of the logits' RMS
 
 
 @dataclass
 class Verification:
-    """The largest |Δlogits| between onnxruntime and PyTorch, over the real (unpadded) positions."""
+    """The largest |Δlogits| between onnxruntime and PyTorch over the real (unpadded) positions, and its bound:
+    TOLERANCE times the RMS of PyTorch's logits, at least TOLERANCE itself.
+
+    fp32 rounding grows with the values' scale: a real 30-layer LM (SmolLM2-135M, logits RMS 13.8) differs by
+    5.9e-4 under any onnxruntime optimisation level, 4.0e-5 of its RMS; tiny random models keep 1e-4 absolute."""
 
     max_abs_diff: float
     steps: int
+    logits_rms: float = 1.0
+
+    @property
+    def bound(self) -> float:
+        return TOLERANCE * max(1.0, self.logits_rms)
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= TOLERANCE
+        return self.max_abs_diff <= self.bound
 
 
 def check_graph(path: str) -> None:
@@ -58,7 +67,7 @@ def verify_causal_lm(model: PreTrainedModel, bundle: Bundle, lengths: list[int] 
     lm = CausalLM(bundle, threads=1)
     ids, mask = left_padded_batch(model.config.vocab_size, list(lengths), seed)
     got, cache = lm.prefill(ids, mask)
-    torch_cache, worst = DynamicCache(), 0.0
+    torch_cache, worst, squares = DynamicCache(), 0.0, []
     for step in range(steps + 1):
         if step:
             got, cache = lm.step(ids, mask, cache)
@@ -68,10 +77,11 @@ def verify_causal_lm(model: PreTrainedModel, bundle: Bundle, lengths: list[int] 
         want = out.logits.float().numpy()
         real = mask[:, -ids.shape[1]:] == 1
         worst = max(worst, float(np.abs(got - want)[real].max()))
+        squares.append(np.square(want[real].astype(np.float64)).mean())
         torch_cache = out.past_key_values
         ids = want[:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
-    return Verification(worst, steps)
+    return Verification(worst, steps, float(np.sqrt(np.mean(squares))))
 
 
 @torch.no_grad()
@@ -87,7 +97,7 @@ def verify_classifier(model: PreTrainedModel, bundle: Bundle, lengths: list[int]
     ids = np.where(mask == 1, ids, pad)
     got = Classifier(bundle, threads=1).forward(ids, mask)
     want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
-    return Verification(float(np.abs(got - want).max()), 0)
+    return Verification(float(np.abs(got - want).max()), 0, float(np.sqrt(np.square(want.astype(np.float64)).mean())))
 
 
 def top1_agreement(reference: Bundle, candidate: Bundle, input_ids: np.ndarray) -> float:

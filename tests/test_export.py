@@ -240,6 +240,14 @@ def test_failed_verification_writes_nothing(models, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_verification_bound_scales_with_the_logits_rms():
+    from kninfer.export.verify import Verification
+
+    assert Verification(5.9e-4, 3, logits_rms=13.8).ok  # SmolLM2-135M's real figures: 4.3e-5 of the RMS
+    assert not Verification(5.9e-4, 3, logits_rms=0.5).ok  # below RMS 1 the bound stays 1e-4 absolute
+    assert not Verification(2e-3, 3, logits_rms=13.8).ok
+
+
 def test_cli_corrupt_checkpoint_exits_2(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "out"
