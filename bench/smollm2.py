@@ -92,11 +92,12 @@ def models(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Path]
     """The dense teacher, the student at initialisation and (unless skipped) after ILKD, as saved folders."""
     work = args.work
     folders = {"dense": work / "dense", "kngpt2-init": work / "kngpt2-init"}
-    if not (folders["dense"] / "config.json").is_file():
-        teacher, tokenizer = load(gguf_path(args.gguf))
-        save(teacher, folders["dense"], tokenizer, overwrite=True)
     if not (folders["kngpt2-init"] / "config.json").is_file():
-        teacher, tokenizer = load(folders["dense"])
+        if (folders["dense"] / "config.json").is_file():
+            teacher, tokenizer = load(folders["dense"])
+        else:
+            teacher, tokenizer = load(gguf_path(args.gguf))
+            save(teacher, folders["dense"], tokenizer, overwrite=True)
         student, _ = compress(teacher, "kngpt2")
         save(student, folders["kngpt2-init"], tokenizer, overwrite=True)
     if args.distill_steps:

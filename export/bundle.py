@@ -32,6 +32,7 @@ from kninfer.export.dense import densify
 from kninfer.export.onnx_config import TASKS, export_onnx
 from kninfer.export.verify import TOLERANCE, Verification, check_graph, top1_agreement, verify_graph
 from kninfer.kron import KroneckerEmbedding, KroneckerLinear
+from kninfer.modeling.families import family_of
 from kninfer.modeling.io import is_classifier
 from kninfer.runtime.bundle import (
     FILE_FIELDS,
@@ -82,7 +83,7 @@ def export_bundle(
     with _staging(out) as work:
         fp32 = work / "fp32.onnx"
         with torch.no_grad():
-            export_onnx(model, task, fp32, opset, model.config.model_type.removeprefix("kn"))
+            export_onnx(model, task, fp32, opset, family_of(model.config).name)
         check_graph(str(fp32))
         verification = verify_graph(model, graph_bundle(fp32, entry)) if verify else None
         if verification is not None and not verification.ok:

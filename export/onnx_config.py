@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from kninfer.errors import KninferError
 from kninfer.export import gpt2_forwards, llama_forwards
 from kninfer.export.forwards import tied_head_reads_embedding
+from kninfer.modeling.families import FAMILIES as MODEL_FAMILIES
 
 TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}
 FAMILIES: dict[str, tuple[type[OnnxConfig], Callable[[], list[PatchingSpec]]]] = {
@@ -36,11 +37,12 @@ class _PatchedForwards:
 
 
 def _onnx_config(family: str, base: type[OnnxConfig], specs: Callable[[], list[PatchingSpec]]) -> type[OnnxConfig]:
-    """`base` with `specs` patched in, registered for model type `kn<family>`."""
+    """`base` with `specs` patched in, registered for the family's Kronecker student type (kngpt2, knllama)."""
     config = type(f"Kn{base.__name__}", (_PatchedForwards, base),
                   {"patching_specs": staticmethod(specs), "__module__": __name__})
     register = TasksManager.create_register("onnx")
-    return register(f"kn{family}", "text-generation", "text-generation-with-past", "text-classification")(config)
+    tasks = ("text-generation", "text-generation-with-past", "text-classification")
+    return register(MODEL_FAMILIES[family].student_type, *tasks)(config)
 
 
 ONNX_CONFIGS = {family: _onnx_config(family, *entry) for family, entry in FAMILIES.items()}
