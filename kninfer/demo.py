@@ -42,12 +42,12 @@ def sample_blocks(teacher: PreTrainedModel, count: int, block_size: int, seed: i
 
 
 def held_out_ids(tokenizer, text_file: Path) -> torch.Tensor:
-    """Token ids of the held-out text."""
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except OSError as error:
-        raise KninferError(f"cannot read held-out text '{text_file}': {error.strerror}") from None
-    return torch.tensor(tokenizer(text, verbose=False)["input_ids"])
+    """Token ids of the held-out text, joined as `kninfer eval` and `eval-lm` join a text file's lines."""
+    from kninfer.train.eval_lm import eval_text
+
+    if not Path(text_file).is_file():
+        raise KninferError(f"cannot read held-out text '{text_file}': no such file")
+    return torch.tensor(tokenizer(eval_text(str(text_file)), verbose=False)["input_ids"])
 
 
 def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int, block_size: int, batch_size: int,

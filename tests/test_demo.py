@@ -20,7 +20,8 @@ def test_sampled_blocks_come_from_the_teacher(tiny_teacher):
 
 def test_demo_pipeline(tmp_path, tiny_teacher_dir, data_dir):
     text = tmp_path / "heldout.txt"
-    text.write_text((data_dir / "sotu" / "test.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    sentences = (data_dir / "sotu" / "test.txt").read_text(encoding="utf-8")[:3000].replace(". ", ".\n")
+    text.write_text(sentences, encoding="utf-8")  # lines, which perplexity joins as `kninfer eval` does
     lines = []
     rows = run_demo(tmp_path / "out", str(tiny_teacher_dir), None, steps=3, block_size=32, batch_size=2, lr=1e-3,
                     prompt="The Union", eval_text=text, seed=0, log=lines.append)
@@ -37,8 +38,8 @@ def test_demo_pipeline(tmp_path, tiny_teacher_dir, data_dir):
         bundle = read_bundle(out / name / "model.onnx")
         assert bundle.task == "causal-lm" and bundle.tokenizer_path.is_file()
     # the saved student is the trained one: its held-out perplexity matches the summary's
-    from kninfer.train.eval_lm import perplexity
+    from kninfer.train.eval_lm import eval_text, perplexity
 
-    ids = torch.tensor(tokenizer(text.read_text(encoding="utf-8"))["input_ids"])
+    ids = torch.tensor(tokenizer(eval_text(str(text)))["input_ids"])
     assert abs(perplexity(student, ids, 32, 16)[0] - student_row.perplexity) / student_row.perplexity < 1e-4
     assert any("[5/5]" in line for line in lines)

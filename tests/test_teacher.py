@@ -9,7 +9,7 @@ import torch
 
 from kninfer.demo import EMBEDDED_TEACHER, HELDOUT_TEXT
 from kninfer.modeling.io import load
-from kninfer.train.eval_lm import perplexity
+from kninfer.train.eval_lm import eval_text, perplexity
 
 TEACHER = EMBEDDED_TEACHER
 RESULTS = TEACHER / "eval.json"
@@ -26,7 +26,7 @@ def test_teacher_ships_small_fp16_weights():
 def test_committed_heldout_perplexity_reproduces():
     committed = json.loads(RESULTS.read_text())["heldout"]
     model, tokenizer = load(str(TEACHER))
-    ids = torch.tensor(tokenizer(HELDOUT_TEXT.read_text(encoding="utf-8"))["input_ids"])
+    ids = torch.tensor(tokenizer(eval_text(str(HELDOUT_TEXT)))["input_ids"])
     value, tokens = perplexity(model, ids, committed["block_size"], committed["stride"])
     assert tokens == committed["tokens"]
     assert value == pytest.approx(committed["perplexity"], rel=1e-4)
