@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e ".[train,bench,dev]"
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e ".[train,bench,dev,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

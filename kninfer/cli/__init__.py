@@ -81,10 +81,10 @@ def main() -> None:
 
 def _register_commands() -> None:
     """Add every submodule's commands to `app`, once (tests call main() many times in one process)."""
-    from kninfer.cli import demo, export, model, pretrain, run, train
+    from kninfer.cli import demo, export, model, pretrain, run, serve, train
 
     if not app.registered_commands:
-        for module in (model, pretrain, train, export, run, demo):
+        for module in (model, pretrain, train, export, run, serve, demo):
             for command in module.COMMANDS:
                 app.command()(command)
 
