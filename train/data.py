@@ -7,6 +7,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, load_dataset
 
 from kninfer.errors import KninferError
@@ -76,3 +77,9 @@ def lm_blocks(
     if max_samples is not None:
         blocks = blocks.select(range(min(max_samples, len(blocks))))
     return blocks
+
+
+def calibration_ids(source: str, tokenizer: Any, tokens: int, block_size: int) -> torch.Tensor:
+    """About `tokens` token ids of `source` (as --data reads it, train split) as (N, block_size) calibration blocks."""
+    blocks = lm_blocks(load_lm_text(source, "train"), tokenizer, block_size, max(1, tokens // block_size))
+    return torch.tensor(blocks["input_ids"])

@@ -15,13 +15,24 @@ def compress(
     teacher: Annotated[str, typer.Option(help="Dense GPT-2 or Llama teacher: a hub name (gpt2), a directory, a .pt "
                                               "or a .gguf file.")],
     out: Annotated[Path, typer.Option(help="Where to write the student: a directory (HF format) or FILE.pt.")],
-    preset: Annotated[str, typer.Option(help="kngpt2 (paper), krony-pt (MLP only), distil (every other layer), "
-                                             "or a JSON spec file.")] = "kngpt2",
+    preset: Annotated[str, typer.Option(help="kngpt2 (paper), krony-pt (MLP only), auto (shapes and ranks per map "
+                                             "by calibrated output error; needs --calib), svd (low rank), drop (whole "
+                                             "blocks, by influence with --calib), distil (every other layer), or a "
+                                             "JSON spec file.")] = "kngpt2",
     tie_head: Annotated[bool | None, typer.Option(
         "--tie-head/--no-tie-head", help="LM head reuses the Kronecker embedding (A @ (H @ Bᵀ)); default: as the "
                                          "teacher (tied embeddings: tied head).", show_default=False)] = None,
-    init: Annotated[str | None, typer.Option(help="van-loan, van-loan-rescaled (krony-pt default) or pruning.")] = None,
-    target_params: Annotated[int | None, typer.Option(help="krony-pt: total parameters to aim for.", min=1)] = None,
+    init: Annotated[str | None, typer.Option(help="calibrated (factors fitted to the teacher's outputs on --calib; "
+                                                  "the default with --calib), van-loan (without), van-loan-rescaled "
+                                                  "(krony-pt's default) or pruning.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration text: a .txt/.raw file, a folder (its train split) or "
+                                                   "a hub dataset name:config.")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens read from --calib.", min=1)] = 8192,
+    ratio: Annotated[float | None, typer.Option(help="krony-pt, auto, svd, drop: the student's parameters as a "
+                                                     "fraction of the teacher's (default 0.8; krony-pt 0.655).",
+                                                min=0, max=1)] = None,
+    target_params: Annotated[int | None, typer.Option(help="krony-pt, auto, svd, drop: total parameters to aim "
+                                                           "for (instead of --ratio).", min=1)] = None,
     rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.", min=1)] = 1,
     odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
     overwrite: OverwriteOption = False,
@@ -29,13 +40,20 @@ def compress(
     """Compress a dense GPT-2 or Llama into a Kronecker student initialised by the nearest Kronecker product."""
     from kninfer import modeling
     from kninfer.modeling.compress import count_parameters
+    from kninfer.modeling.families import dims
     from kninfer.modeling.io import check_output
 
     check_output(out, overwrite)
     dense, tokenizer = modeling.load(teacher)
-    with console.status(f"factoring with preset {preset}"):
+    calibration = None
+    if calib is not None:
+        from kninfer.train.data import calibration_ids
+
+        calibration = calibration_ids(calib, tokenizer, calib_tokens, min(512, dims(dense.config).context))
+    with console.status(f"factoring with preset {preset}") as status:
         student, rows = modeling.compress(dense, preset, tie_head=tie_head, init=init, target_params=target_params,
-                                          rank=rank, odd_base=odd_base)
+                                          ratio=ratio, rank=rank, odd_base=odd_base, calibration=calibration,
+                                          progress=status.update)
     print_layers(rows, count_parameters(dense), count_parameters(student), count_parameters(student, False))
     modeling.save(student, out, tokenizer, overwrite=overwrite)
     console.print(f"wrote {out}")

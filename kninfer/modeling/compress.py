@@ -4,6 +4,7 @@ report."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from kninfer.errors import KninferError
-from kninfer.kron import INITS, KroneckerEmbedding, KroneckerLinear, check_positive
+from kninfer.kron import INITS, KroneckerEmbedding, KroneckerLinear, check_positive, relative_error
+from kninfer.modeling.budget import auto_spec
+from kninfer.modeling.calibrate import block_influence, refit
 from kninfer.modeling.configuration_kronecker import KroneckerSpec
 from kninfer.modeling.families import dense_weight, dims, family_of, set_dense_weight, weight_shape
-from kninfer.modeling.presets import PRESETS, kngpt2_spec, krony_pt_spec, load_spec_file
+from kninfer.modeling.presets import BUDGET_FRACTION, PRESETS, kngpt2_spec, krony_pt_spec, load_spec_file, svd_spec
 
 
 @dataclass
@@ -28,37 +31,62 @@ class LayerRow:
     params_before: int
     params_after: int
     error: float | None  # relative Frobenius error of the initialisation
+    output_error: float | None = None  # relative error of the map's outputs on calibration text (calibrated init)
 
 
 def compress(
     teacher: PreTrainedModel, preset: str, *, tie_head: bool | None = None, init: str | None = None,
-    target_params: int | None = None, rank: int = 1, odd_base: int = 0,
+    target_params: int | None = None, ratio: float | None = None, rank: int = 1, odd_base: int = 0,
+    calibration: torch.Tensor | None = None, progress: Callable[[str], None] | None = None,
 ) -> tuple[PreTrainedModel, list[LayerRow]]:
     """A student built from `teacher` by `preset` (a name in PRESETS or a JSON spec file). `tie_head` (default: the
-    teacher's tie_word_embeddings) makes a Kronecker embedding's factors the LM head too."""
+    teacher's tie_word_embeddings) makes a Kronecker embedding's factors the LM head too. The student's size is
+    `target_params` or `ratio` of the teacher's for krony-pt, auto, svd and drop. `calibration` (N, T) token ids
+    make `calibrated` the default init: the maps in blocks fitted to the teacher's outputs on them (calibrate.py);
+    without them the init is Van Loan's (Krony-PT's rescaled variant for krony-pt). auto needs them."""
     family = family_of(teacher.config)
     if type(teacher) is not family.causal_lm:
         raise KninferError(f"the teacher must be a dense {family.name} causal LM ({family.causal_lm.__name__}), "
                            f"got {type(teacher).__name__}")
     check_positive(rank=rank)
-    if target_params is not None:
-        check_positive(target_params=target_params)
+    target_params = _target(teacher, target_params, ratio)
+    budget = target_params or round(BUDGET_FRACTION * count_parameters(teacher))
     tie_head = bool(teacher.config.tie_word_embeddings) if tie_head is None else tie_head
-    if preset == "distil":
-        return drop_layers(teacher)
+    if preset in ("distil", "drop"):
+        layers = dims(teacher.config).layers
+        dropped = dropped_layers(teacher, budget, calibration) if preset == "drop" else range(1, layers, 2)
+        return drop_layers(teacher, [i for i in range(layers) if i not in dropped])
     if preset == "kngpt2":
         spec = kngpt2_spec(teacher, odd_base=odd_base, tie_head=tie_head)
     elif preset == "krony-pt":
         spec = krony_pt_spec(teacher, target_params, rank)
+    elif preset == "svd":
+        spec = svd_spec(teacher, budget)
+    elif preset == "auto":
+        if calibration is None:
+            raise KninferError("preset auto chooses shapes by output error on calibration text: give --calib")
+        spec = auto_spec(teacher, calibration, budget)
     elif Path(preset).suffix == ".json":
         spec = load_spec_file(preset, teacher)
         spec = KroneckerSpec(spec.modules, spec.tie_head or tie_head)
     else:
         raise KninferError(f"unknown preset '{preset}': expected one of {', '.join(PRESETS)} or a .json spec file")
-    init = init or ("van-loan-rescaled" if preset == "krony-pt" else "van-loan")
-    if init not in INITS:
-        raise KninferError(f"unknown init '{init}': expected one of {', '.join(INITS)}")
-    return factor(teacher, spec, init)
+    init = init or ("calibrated" if calibration is not None else
+                    "van-loan-rescaled" if preset == "krony-pt" else "van-loan")
+    if init not in (*INITS, "calibrated"):
+        raise KninferError(f"unknown init '{init}': expected one of {', '.join(INITS)} or calibrated")
+    if init != "calibrated":
+        return factor(teacher, spec, init)
+    if calibration is None:
+        raise KninferError("the calibrated init needs calibration text (--calib)")
+    student, rows = factor(teacher, spec, "van-loan")
+    errors = refit(student, teacher, calibration, progress=progress)
+    for row in rows:
+        if row.path in errors:
+            module = student.get_submodule(row.path)
+            row.error = relative_error(dense_weight(teacher, row.path)[0], module.A, module.B)
+            row.output_error = errors[row.path]
+    return student, rows
 
 
 @torch.no_grad()
@@ -84,11 +112,24 @@ def factor(teacher: PreTrainedModel, spec: KroneckerSpec, init: str) -> tuple[Pr
     return student, rows
 
 
-def drop_layers(teacher: PreTrainedModel) -> tuple[PreTrainedModel, list[LayerRow]]:
-    """DistilGPT2-style student: the same architecture keeping the teacher's layers 0, 2, 4, ..."""
+def dropped_layers(teacher: PreTrainedModel, target_params: int, calibration: torch.Tensor | None) -> list[int]:
+    """The blocks to drop for a student of about `target_params`: those of least block influence on the calibration
+    text (ShortGPT), or without it spread evenly between the first and last block (both always kept)."""
     family = family_of(teacher.config)
     layers = dims(teacher.config).layers
-    keep = list(range(0, layers, 2))
+    block = _count(teacher.get_submodule(family.block(0)))
+    count = min(max(round((count_parameters(teacher) - target_params) / block), 1), layers - 1)
+    if calibration is not None:
+        influence = block_influence(teacher, calibration)
+        return sorted(sorted(range(layers), key=influence.__getitem__)[:count])
+    inner = torch.linspace(1, layers - 2, count).round().int().tolist() if layers > 2 else [layers - 1]
+    return sorted(set(inner))
+
+
+def drop_layers(teacher: PreTrainedModel, keep: list[int]) -> tuple[PreTrainedModel, list[LayerRow]]:
+    """DistilGPT2-style student: the same architecture keeping the teacher's blocks `keep` (in order)."""
+    family = family_of(teacher.config)
+    layers = dims(teacher.config).layers
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(keep)
     student = family.causal_lm(config)
@@ -108,6 +149,19 @@ def drop_layers(teacher: PreTrainedModel) -> tuple[PreTrainedModel, list[LayerRo
         rows.append(LayerRow(family.block(i), "block", "kept" if i in keep else "dropped", params,
                              params if i in keep else 0, None))
     return student, rows
+
+
+def _target(teacher: PreTrainedModel, target_params: int | None, ratio: float | None) -> int | None:
+    """The student's size from --target-params or --ratio (a fraction of the teacher's parameters)."""
+    if target_params is not None and ratio is not None:
+        raise KninferError("give --target-params or --ratio, not both")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise KninferError(f"--ratio must be between 0 and 1 (a fraction of the teacher's parameters), got {ratio}")
+        return round(ratio * count_parameters(teacher))
+    if target_params is not None:
+        check_positive(target_params=target_params)
+    return target_params
 
 
 def report_rows(model: nn.Module) -> list[LayerRow]:

@@ -14,8 +14,9 @@ from kninfer.kron import FactorShape, check_divides, check_positive, check_rank,
 from kninfer.modeling.configuration_kronecker import FACTORS, KroneckerSpec
 from kninfer.modeling.families import dims, family_of, weight_shapes
 
-PRESETS = ("kngpt2", "krony-pt", "distil")
+PRESETS = ("kngpt2", "krony-pt", "auto", "svd", "drop", "distil")
 KRONY_PT_FRACTION = 0.655  # Krony-PT's 81M model is 65.5% of GPT-2 small's 124M
+BUDGET_FRACTION = 0.8  # auto, svd and drop without a target: 80% of the teacher's parameters
 
 
 def kngpt2_spec(teacher: nn.Module, odd_base: int = 0, f: int = 2, tie_head: bool = False) -> KroneckerSpec:
@@ -40,6 +41,36 @@ def krony_pt_spec(teacher: nn.Module, target_params: int | None = None, rank: in
     best = min(factor_shapes(*up, rank), key=lambda s: abs(kept + len(paths) * s.params - target))
     check_rank(rank, best.m1, best.n1, best.m2, best.n2)
     return KroneckerSpec({path: best if shapes[path] == up else best.transposed() for path in paths})
+
+
+def block_maps(teacher: nn.Module) -> list[str]:
+    """Every attention and MLP map of every block: what auto and svd may factor."""
+    family = family_of(teacher.config)
+    return [f"{family.block(i)}.{name}" for i in range(dims(teacher.config).layers)
+            for name in (*family.attention, *family.mlp)]
+
+
+def map_budget(teacher: nn.Module, paths: list[str], target_params: int) -> int:
+    """Parameters left for the maps in `paths` when the whole student has `target_params`."""
+    shapes = weight_shapes(teacher)
+    fixed = sum(p.numel() for p in teacher.parameters()) - sum(shapes[p][0] * shapes[p][1] for p in paths)
+    if target_params <= fixed:
+        raise KninferError(f"a student of {target_params:,} parameters is below the {fixed:,} parameters outside "
+                           "the maps that can be factored: ask for more (--ratio, --target-params)")
+    return target_params - fixed
+
+
+def svd_spec(teacher: nn.Module, target_params: int) -> KroneckerSpec:
+    """Every block map at low rank, A (out, 1) ⊗ B (1, in) × r, one fraction of each map's size for all, so that
+    the student lands near `target_params` (the low-rank baseline; with calibration, activation-aware SVD)."""
+    shapes, paths = weight_shapes(teacher), block_maps(teacher)
+    fraction = map_budget(teacher, paths, target_params) / sum(shapes[p][0] * shapes[p][1] for p in paths)
+    modules = {}
+    for path in paths:
+        out_features, in_features = shapes[path]
+        rank = max(1, round(fraction * out_features * in_features / (out_features + in_features)))
+        modules[path] = FactorShape(out_features, 1, 1, in_features, min(rank, out_features, in_features))
+    return KroneckerSpec(modules)
 
 
 def resolve_spec(spec: dict[str, Any], teacher: nn.Module) -> KroneckerSpec:
