@@ -14,7 +14,8 @@ blocks of --window. Methods:
 - svd: every block map at one relative low rank, plain SVD and activation-aware (calibrated);
 - drop: whole blocks of least influence on the calibration text dropped (ShortGPT);
 - the paper's kngpt2 preset (its own size) once, with Van Loan and calibrated.
-Results are written after each model (resumable: rerun to continue) to bench/results/quality-NAME.{json,md,png}.
+Results are written after each model to bench/results/quality-NAME.{json,md,png}; a rerun with the same protocol
+continues where the last one stopped, one with another protocol starts afresh.
 """
 
 from __future__ import annotations
@@ -71,11 +72,13 @@ def main() -> None:
     ids = torch.tensor(tokenizer(eval_text(str(args.text)), verbose=False)["input_ids"][: args.tokens])
     calibration = calibration_ids(str(args.calib), tokenizer, args.calib_tokens, window)
     out = HERE / "results" / f"quality-{args.name}.json"
-    results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    results["protocol"] = {
+    protocol = {
         "teacher": args.teacher, "text": args.text.name, "tokens": int(ids.numel()), "window": window,
         "stride": window, "calibration": args.calib.name, "calibration_tokens": int(calibration.numel()),
-        "training": "none (right after compression)", "threads": torch.get_num_threads()}
+        "training": "none (right after compression)"}
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    if results.get("protocol") != protocol:  # rows measured another way are not resumed from
+        results = {"protocol": protocol, "rows": []}
     done = {(row["method"], row["ratio"]) for row in results["rows"]}
     chosen = args.methods or [*METHODS, *PAPER]
     jobs = [("teacher", None, None)] + [(m, None, PAPER[m]) for m in PAPER if m in chosen]

@@ -92,7 +92,8 @@ def _sqrt_and_inverse(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _solve_a(WC: torch.Tensor, C4: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The A minimising the output error for fixed B: A (m1, r·n1) G = R, one normal matrix G for every row."""
+    """The A minimising the output error for fixed B: A (m1, r·n1) G = R, one normal matrix G for every row.
+    With the roles swapped (`_solve_b`) the same equations give B."""
     rank, n1 = B.shape[0], C4.shape[0]
     BB = torch.einsum("lia,kib->lkab", B, B)
     G = torch.einsum("lkab,xayb->lxky", BB, C4).reshape(rank * n1, rank * n1)
@@ -101,12 +102,9 @@ def _solve_a(WC: torch.Tensor, C4: torch.Tensor, B: torch.Tensor) -> torch.Tenso
 
 
 def _solve_b(WC: torch.Tensor, C4: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """The B minimising the output error for fixed A (the same normal equations over the other factor)."""
-    rank, n2 = A.shape[0], C4.shape[1]
-    AA = torch.einsum("lia,kib->lkab", A, A)
-    H = torch.einsum("lkab,axby->lxky", AA, C4).reshape(rank * n2, rank * n2)
-    R = torch.einsum("pqby,kpb->qky", WC, A).reshape(WC.shape[1], rank * n2)
-    return _solve(H, R).reshape(-1, rank, n2).transpose(0, 1)
+    """The B minimising the output error for fixed A: A ⊗ B and B ⊗ A hold the same entries with the row and column
+    index pairs swapped, so B is `_solve_a`'s answer on the swapped WC and C4."""
+    return _solve_a(WC.permute(1, 0, 3, 2), C4.permute(1, 0, 3, 2), A)
 
 
 def _solve(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
