@@ -204,10 +204,11 @@ def collect_models(args: argparse.Namespace) -> tuple[list[dict[str, Any]], floa
         config = json.loads((path / "config.json").read_text())
         entries.append({"name": f"torch-{path.name}", "path": str(path), "runtime": "torch", **model_kind(config),
                         "variant": "fp32"})
-    names = [e["name"] for e in entries]
-    for entry in entries:
-        if names.count(entry["name"]) > 1:  # two bundles in folders of the same name: keep the parent too
-            entry["name"] = f"{Path(entry['path']).parent.parent.name}/{entry['name']}"
+    names, folders = [e["name"] for e in entries], [Path(e["path"]).parent for e in entries]
+    for entry, folder in zip(entries, folders, strict=True):
+        if names.count(entry["name"]) > 1:  # graphs of one folder (variants): add the file's name; else the parent's
+            entry["name"] = (f"{entry['name']}/{Path(entry['path']).stem}" if folders.count(folder) > 1
+                             else f"{folder.parent.name}/{entry['name']}")
     return [{**e, "rounds": [], "memory": None, "memory_low": None, "perplexity": None} for e in entries], zoo_s
 
 

@@ -16,7 +16,7 @@ from kninfer.export.bundle import ExportReport, export_bundle
 from kninfer.modeling.io import load
 
 MIN_OPSET = 9  # the traced graph's Range (position ids) has no ONNX form below opset 9
-SAMPLE_TEXT = (  # what the int8 graph's top-1 agreement with fp32 is measured on
+SAMPLE_TEXT = (  # what a quantized graph's top-1 agreement with fp32 is measured on
     "The history of the city begins in the early nineteenth century, when a small group of settlers built "
     "a mill beside the river. Within fifty years the town had grown into a busy market for the farms around it."
 )
@@ -32,9 +32,9 @@ def export(
     The bundle gets `tokenizer` (an object, a directory or a tokenizer.json; default: the one saved with a loaded
     model) and its chat template for `kninfer chat` (an object's, or a directory's chat_template.jinja or
     tokenizer_config.json's; the "default" one of several). `variant`: fp32, dense (every Kronecker weight
-    materialised) or int8. With `verify`, onnxruntime's logits must match PyTorch's within TOLERANCE times their
-    RMS, at least TOLERANCE (prefill + cached steps). `overwrite` replaces files in the folder that its
-    kninfer.json does not list.
+    materialised), int8 or int4 (export/quantize.py). With `verify`, onnxruntime's logits must match PyTorch's within
+    TOLERANCE times their RMS, at least TOLERANCE (prefill + cached steps). `overwrite` replaces files in the folder
+    that its kninfer.json does not list.
     """
     _check_opset(opset)
     out = Path(out)
@@ -54,9 +54,9 @@ def export(
     else:
         log(f"verified: max |Δlogits| onnxruntime vs PyTorch = {report.verification.max_abs_diff:.2e} "
             f"(≤ {report.verification.bound:.3g}, prefill + {report.verification.steps} cached steps)")
-    if report.int8_agreement is not None:
+    if report.agreement is not None:
         source = "a sample text" if sample else "sample token ids"
-        log(f"int8 top-1 next-token agreement with fp32 on {source}: {report.int8_agreement:.1%}")
+        log(f"{variant} top-1 next-token agreement with fp32 on {source}: {report.agreement:.1%}")
     if not tokenizer_json:
         log("no tokenizer bundled: pass --tokenizer DIR|tokenizer.json to add one")
     return report

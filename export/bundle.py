@@ -46,7 +46,8 @@ from kninfer.runtime.bundle import (
     read_models,
 )
 
-VARIANTS = ("fp32", "dense", "int8")
+QUANTIZED = ("int8", "int4")  # variants made from the traced fp32 graph by export/quantize.py
+VARIANTS = ("fp32", "dense", *QUANTIZED)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ExportReport:
     nodes: int
     kronecker_layers: int
     verification: Verification | None
-    int8_agreement: float | None
+    agreement: float | None  # a quantized causal LM's top-1 next-token agreement with its fp32 graph
 
 
 def export_bundle(
@@ -91,26 +92,29 @@ def export_bundle(
                                f"{verification.max_abs_diff:.3g} (> {verification.bound:.3g}: {TOLERANCE:g} × "
                                "the logits' RMS, at least that)")
         final, agreement = fp32, None
-        if variant == "int8":
-            final = work / "int8.onnx"
+        if variant in QUANTIZED:
+            final = work / f"{variant}.onnx"
             agreement = _quantize(fp32, final, entry, sample_ids)
         size, nodes = _publish(final, entry, work, out, tokenizer_json, overwrite)
         return ExportReport(out, size, nodes, layers, verification, agreement)
 
 
 def quantize_bundle(source: str | os.PathLike, out: str | os.PathLike, sample_ids: list[int] | None = None, *,
-                    overwrite: bool = False) -> ExportReport:
-    """The int8 graph `out` (.onnx) of the exported fp32 graph `source` (or its folder), without tracing again."""
+                    variant: str = "int8", overwrite: bool = False) -> ExportReport:
+    """The `variant` (int8 or int4) graph `out` (.onnx) of the exported fp32 graph `source` (or its folder), without
+    tracing again."""
     out = Path(out)
+    if variant not in QUANTIZED:
+        raise KninferError(f"unknown quantized variant '{variant}': expected one of {', '.join(QUANTIZED)}")
     bundle = read_bundle(source, need_tokenizer=False)
     if bundle.meta.get("variant") != "fp32":
         raise KninferError(f"'{bundle.onnx_path}' is a {bundle.meta.get('variant')} bundle: quantize an fp32 one")
     _kept_models(out, overwrite)
-    entry = {**{k: v for k, v in bundle.meta.items() if k not in FILE_FIELDS}, "variant": "int8"}
+    entry = {**{k: v for k, v in bundle.meta.items() if k not in FILE_FIELDS}, "variant": variant}
     modules = (entry.get("kronecker") or {}).get("modules")
     with _staging(out) as work:
         tokenizer_json = bundle.tokenizer_path.read_bytes().decode("utf-8") if bundle.tokenizer_path else None
-        final = work / "int8.onnx"
+        final = work / f"{variant}.onnx"
         agreement = _quantize(bundle.onnx_path, final, entry, sample_ids)
         size, nodes = _publish(final, entry, work, out, tokenizer_json, overwrite)
         return ExportReport(out, size, nodes, len(modules) if isinstance(modules, dict) else 0, None, agreement)
@@ -210,16 +214,17 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _quantize(fp32: Path, int8: Path, entry: dict[str, Any], sample_ids: list[int] | None) -> float | None:
-    """Write the int8 graph; for a causal LM return its top-1 agreement with the fp32 one on sample ids."""
-    from kninfer.export.quantize import quantize_int8
+def _quantize(fp32: Path, target: Path, entry: dict[str, Any], sample_ids: list[int] | None) -> float | None:
+    """Write the graph of entry's quantized variant; for a causal LM return its top-1 agreement with the fp32 one on
+    sample ids."""
+    from kninfer.export.quantize import quantize
 
-    quantize_int8(fp32, int8)
+    quantize(fp32, target, entry["variant"])
     if entry["task"] != "causal-lm":
         return None
     vocab_size = entry["vocab_size"]
     ids = sample_ids or list(range(0, vocab_size, max(1, vocab_size // 64)))
-    return top1_agreement(graph_bundle(fp32, entry), graph_bundle(int8, entry), _as_batch(ids))
+    return top1_agreement(graph_bundle(fp32, entry), graph_bundle(target, entry), _as_batch(ids))
 
 
 def _remove_staging_leftovers(out: Path) -> None:

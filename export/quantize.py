@@ -1,30 +1,68 @@
-"""`--int8`: onnxruntime dynamic quantization of every MatMul weight, per channel, the tied head included."""
+"""`--int8` and `--int4`: onnxruntime weight quantization of the MatMul weights, the tied head included, with the
+embedding Gathers reading the quantized tables."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # needs the onnx-ir package
+
+BLOCK = 32  # int4: one fp32 scale per 32 consecutive rows (K) of a weight column
+ACCURACY_LEVEL = 4  # MatMulNBits multiplies int8-quantized activations by the int4 weights
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Quantize MatMul weights to int8, then point embedding Gathers at the int8 tables (fp32 copies dropped)."""
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on root
+def quantize(source: Path, target: Path, variant: str) -> None:
+    """Write the fp32 graph `source` with its MatMul weights quantized to `variant` (int8 or int4) to `target`; a
+    tied dense head is untied first so that it is quantized too."""
+    logging.getLogger().setLevel(logging.ERROR)  # both quantizers log pre-processing hints and progress on root
     model = onnx.load(str(source))
     untie_heads(model)
+    QUANTIZERS[variant](model, target)
+
+
+def quantize_int8(model: onnx.ModelProto, target: Path) -> None:
+    """Dynamic int8, per channel, of every MatMul weight; then the embedding Gathers read the int8 tables (fp32
+    copies dropped)."""
     quantize_dynamic(model, target, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     model = onnx.load(str(target))
     rewire_gathers(model.graph)
     onnx.save_model(model, str(target))
 
 
+def quantize_int4(model: onnx.ModelProto, target: Path) -> None:
+    """Block-wise symmetric 4-bit weights (MatMulNBits, blocks of BLOCK rows, int8 compute) for the MatMuls whose
+    weight fits whole blocks; smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied table's
+    Gather can read the head's packed bytes as they are (share_packed_tables)."""
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                     nodes_to_exclude=unblocked_matmuls(model.graph), op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    model = quantizer.model.model
+    share_packed_tables(model.graph)
+    onnx.save_model(model, str(target))
+
+
+QUANTIZERS: dict[str, Callable[[onnx.ModelProto, Path], None]] = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+def unblocked_matmuls(graph: onnx.GraphProto) -> list[str]:
+    """MatMuls that int4 leaves fp32: those without a 2-D constant right-hand weight of whole BLOCKs of rows (the
+    quantizer would pad a short one, and give an N-D one a Shape-based output reshape)."""
+    shapes = {t.name: list(t.dims) for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+    return [node.name for node in graph.node if node.op_type == "MatMul"
+            and not (len(shapes.get(node.input[1], [])) == 2 and shapes[node.input[1]][0] % BLOCK == 0)]
+
+
 def untie_heads(model: onnx.ModelProto) -> None:
-    """Gemm(h, E, transB=1) on a table that a Gather also reads -> MatMul(h, Eᵀ): the int8 head then gets its own
-    quantized weight instead of staying fp32 (docs/architecture.md, "ONNX graph rules"). Where the ids' rank is known,
-    the Gather reads Eᵀ too (axis 1, then a Transpose), so after rewire_gathers no fp32 copy of E is left."""
+    """Gemm(h, E, transB=1) on a table that a Gather also reads -> MatMul(h, Eᵀ): the quantized head then gets its
+    own quantized weight instead of staying fp32 (docs/architecture.md, "ONNX graph rules"). Where the ids' rank is
+    known, the Gather reads Eᵀ too (axis 1, then a Transpose), so after the Gathers are rewired no fp32 copy of E is
+    left."""
     graph, inferred = model.graph, onnx.shape_inference.infer_shapes(model).graph
     initializers = {t.name: t for t in graph.initializer}
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.input, *inferred.value_info]
@@ -52,7 +90,7 @@ def untie_heads(model: onnx.ModelProto) -> None:
 
 
 def rewire_gathers(graph: onnx.GraphProto) -> None:
-    """Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the scales
+    """int8: Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the scales
     are per slice along that axis (the tied Kronecker head's Aᵀ, gathered on axis 1); unused fp32 tables go."""
     initializers = {t.name: t for t in graph.initializer}
     nodes = []
@@ -75,6 +113,43 @@ def rewire_gathers(graph: onnx.GraphProto) -> None:
             helper.make_node("Gather", [f"{table}_scale", ids], [f"{out}_scale"], axis=0),
             helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out]),
         ]
+    _replace_nodes(graph, nodes)
+
+
+def share_packed_tables(graph: onnx.GraphProto) -> None:
+    """int4: Gather(W, ids, axis=1) -> Transpose(perm 1..r, 0), with W (K, N) a MatMulNBits weight (the untied dense
+    head's Eᵀ, the tied Kronecker head's A_t) -> GatherBlockQuantized of rows `ids` of the packed (N, K/BLOCK, BLOCK/2)
+    table that the head's MatMulNBits reads, then a constant Reshape to (*ids, K): one int4 copy of the table,
+    no Transpose, and W's fp32 copy goes. Its block scales get a (N, K/BLOCK, 1) copy (MatMulNBits wants them 2-D)."""
+    packed = {node.input[1]: node for node in graph.node if node.op_type == "MatMulNBits"}  # by name: W_Q4 for W
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rewired: dict[str, list[onnx.NodeProto]] = {}  # a Gather's output -> what replaces it and its Transpose
+    for node in graph.node:
+        head = packed.get(f"{node.input[0]}_Q4") if node.op_type == "Gather" else None
+        after = consumers.get(node.output[0], [])
+        transpose = after[0] if len(after) == 1 and after[0].op_type == "Transpose" else None
+        perm = [] if transpose is None else next(list(a.ints) for a in transpose.attribute if a.name == "perm")
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if head is None or axis != 1 or perm != [*range(1, len(perm)), 0]:
+            continue
+        k = next(a.i for a in head.attribute if a.name == "K")
+        scales, blocks, shape = head.input[2], f"{head.input[2]}_blocks", f"{node.output[0]}_shape"
+        if blocks not in initializers:
+            initializers[blocks] = numpy_helper.from_array(
+                numpy_helper.to_array(initializers[scales]).reshape(-1, k // BLOCK, 1), blocks)
+            graph.initializer.append(initializers[blocks])
+        graph.initializer.append(numpy_helper.from_array(np.array([0] * (len(perm) - 1) + [k], np.int64), shape))
+        rewired[node.output[0]] = [
+            helper.make_node("GatherBlockQuantized", [head.input[1], node.input[1], blocks],
+                             [f"{node.output[0]}_blocks"], domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                             block_size=BLOCK, bits=4),
+            helper.make_node("Reshape", [f"{node.output[0]}_blocks", shape], list(transpose.output))]
+    nodes = [new for node in graph.node if not (node.op_type == "Transpose" and node.input[0] in rewired)
+             for new in rewired.get(node.output[0], [node])]
     _replace_nodes(graph, nodes)
 
 

@@ -105,7 +105,7 @@ def test_balanced_factors_match_torch(balanced, rank):
     assert sum(isinstance(m, KroneckerLinear) and m.rank == rank for m in model.modules()) == 9
     assert verify_causal_lm(model, _graph(path), lengths=[6, 3, 1]).max_abs_diff <= TOL
     report = quantize_bundle(path, path.parent / "int8" / "model.onnx")
-    assert report.int8_agreement > 0.5
+    assert report.agreement > 0.5
 
 
 def test_blocks_reshape_to_constant_targets(exported):
@@ -126,7 +126,7 @@ def test_dense_tied_head_reads_the_embedding(models, exported, tmp_path):
     users = [n for n in onnx.load(str(exported["gpt2"])).graph.node if name in n.input]
     assert sorted(n.op_type for n in users) == ["Gather", "Gemm"]
     report = export_bundle(model, tmp_path / "int8.onnx", variant="int8", verify=False)
-    assert report.int8_agreement > 0.5
+    assert report.agreement > 0.5
     graph = onnx.load(str(report.onnx_path)).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     (head,) = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger" and "lm_head" in n.name]
@@ -189,8 +189,8 @@ def int8(models, tmp_path_factory):
 
 def test_int8_reads_the_int8_table(models, int8):
     model, report = models["kngpt2-tied"], int8
-    assert report.int8_agreement > 0
-    print(f"\nint8 top-1 agreement with fp32 (random tiny model, sample ids): {report.int8_agreement:.1%}")
+    assert report.agreement > 0
+    print(f"\nint8 top-1 agreement with fp32 (random tiny model, sample ids): {report.agreement:.1%}")
     vocab, d = model.config.vocab_size, model.config.n_embd
     floats = [v for v in initializers(report.onnx_path).values() if v.dtype == np.float32]
     assert all(v.size < vocab * d // 2 for v in floats), "the fp32 embedding factor is still stored"
@@ -205,7 +205,7 @@ def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
     assert {k: v for k, v in meta.items() if k not in files} == {
         **{k: v for k, v in fp32_meta.items() if k not in files}, "variant": "int8"}
     assert re.fullmatch(r"q\.onnx\.[0-9a-f]{8}\.data", meta["onnx_data_file"])
-    assert report.int8_agreement == int8.int8_agreement
+    assert report.agreement == int8.agreement
     ids = np.arange(0, models["kngpt2-tied"].config.vocab_size, 97, dtype=np.int64)[None, :20]
     logits = [CausalLM(_graph(p), threads=1).prefill(ids, np.ones_like(ids))[0]
               for p in (int8.onnx_path, report.onnx_path)]

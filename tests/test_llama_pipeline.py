@@ -50,7 +50,7 @@ def test_export_generate_and_eval_match_pytorch(distilled, tmp_path, text_file, 
     assert report.verification is not None and report.verification.max_abs_diff <= 1e-4  # fp32 graph, both variants
     lm = kninfer.load(tmp_path / "b")
     if variant == "int8":
-        assert report.int8_agreement is not None and report.int8_agreement > 0.5
+        assert report.agreement is not None and report.agreement > 0.5
         return
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids

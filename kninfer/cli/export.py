@@ -22,6 +22,9 @@ def export(
                                                         "for benchmarks).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization of the MatMul weights, per "
                                                       "channel, the head included.")] = False,
+    int4: Annotated[bool, typer.Option("--int4", help="Block-wise 4-bit weights (MatMulNBits: blocks of 32 rows, "
+                                                      "int8 compute) for the MatMul weights with whole blocks, the "
+                                                      "head included; smaller ones stay fp32.")] = False,
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch (prefill + 3 cached steps) and "
                                               "fail when max |Δlogits| is above its tolerance.")] = True,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer to bundle: a directory or a tokenizer.json "
@@ -30,11 +33,12 @@ def export(
                                                  "does not list (files kninfer did not write).")] = False,
 ) -> None:
     """Export a model to ONNX with its Kronecker layers kept factored, and write the bundle beside it."""
-    if dense and int8:
-        raise KninferError("--dense and --int8 are exclusive: pick one variant")
+    chosen = [name for name, flag in (("dense", dense), ("int8", int8), ("int4", int4)) if flag]
+    if len(chosen) > 1:
+        raise KninferError(f"{' and '.join(f'--{name}' for name in chosen)} are exclusive: pick one variant")
     from kninfer.export import export as run
 
-    variant = "dense" if dense else "int8" if int8 else "fp32"
+    variant = chosen[0] if chosen else "fp32"
     with console.status(f"exporting {model} ({task}, {variant})"):
         run(model, out, task=task, variant=variant, opset=opset, tokenizer=tokenizer, verify=verify,
             overwrite=overwrite, log=console.print)
