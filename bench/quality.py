@@ -11,7 +11,8 @@ blocks of --window. Methods:
 - kronecker (auto): shapes and ranks per map by calibrated output error under the budget, factors fitted to the
   outputs layer by layer (the data-aware default);
 - krony-pt: MLP maps, one shape, with Van Loan (rescaled, Krony-PT's) and with the calibrated fit;
-- svd: every block map at one relative low rank, plain SVD and activation-aware (calibrated);
+- svd: every block map at one relative low rank, plain SVD and activation-aware (calibrated); and activation-aware
+  on the MLP maps of every other block only (odd blocks, as the paper's pattern; where the budget allows);
 - drop: whole blocks of least influence on the calibration text dropped (ShortGPT);
 - the paper's kngpt2 preset (its own size) once, with Van Loan and calibrated.
 Results are written after each model to bench/results/quality-NAME.{json,md,png}; a rerun with the same protocol
@@ -23,14 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kninfer.errors import KninferError
 from kninfer.modeling import compress, load
 from kninfer.modeling.compress import count_parameters
+from kninfer.modeling.families import family_of
+from kninfer.modeling.presets import block_maps, svd_spec
 from kninfer.train.data import calibration_ids
 from kninfer.train.eval_lm import eval_text, perplexity
 
@@ -42,6 +47,7 @@ METHODS = {  # name -> compress() keywords; "calibrated" methods get the calibra
     "krony-pt (calibrated)": {"preset": "krony-pt", "init": "calibrated"},
     "krony-pt (van-loan-rescaled)": {"preset": "krony-pt", "init": "van-loan-rescaled"},
     "svd (plain)": {"preset": "svd", "init": "van-loan"},
+    "svd (activation-aware, odd-block MLPs)": {"preset": "odd-mlp-svd", "init": "calibrated"},
 }
 PAPER = {"kngpt2 (paper, van-loan)": {"preset": "kngpt2", "init": "van-loan"},
          "kngpt2 (paper, calibrated)": {"preset": "kngpt2", "init": "calibrated"}}
@@ -91,8 +97,15 @@ def main() -> None:
             model = teacher
         else:
             uses_calibration = options.get("init") == "calibrated" or options["preset"] == "drop"
-            model, _ = compress(teacher, options["preset"], init=options.get("init"), ratio=ratio,
-                                calibration=calibration if uses_calibration else None)
+            preset = options["preset"]
+            if preset == "odd-mlp-svd":
+                try:
+                    preset = odd_mlp_spec(teacher, round(ratio * count_parameters(teacher)))
+                except KninferError as error:
+                    print(f"{method} at {ratio}: {error}")
+                    continue
+            model, _ = compress(teacher, preset, init=options.get("init"), ratio=None if preset != options["preset"]
+                                else ratio, calibration=calibration if uses_calibration else None)
         seconds = time.perf_counter() - started
         value, scored = perplexity(model.eval(), ids, window, window)
         row = {"method": method, "ratio": ratio, "parameters": count_parameters(model),
@@ -101,6 +114,18 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         write(results, out)
+
+
+def odd_mlp_spec(teacher: Any, target_params: int) -> str:
+    """A JSON spec file: the MLP maps of the odd blocks at one relative low rank, landing near `target_params`."""
+    paths = [path for path in block_maps(teacher) if int(path.split(".")[2]) % 2 and path.rsplit(".", 1)[1] in
+             {name.rsplit(".", 1)[1] for name in family_of(teacher.config).mlp}]
+    spec = svd_spec(teacher, target_params, paths)
+    if any(shape.rank * (shape.m1 + shape.n2) >= shape.m1 * shape.n2 for shape in spec.modules.values()):
+        raise KninferError("the budget needs more than the odd blocks' MLP maps can give")
+    file = Path(tempfile.mkdtemp()) / "odd-mlp-svd.json"
+    file.write_text(json.dumps(spec.to_dict()))
+    return str(file)
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -60,10 +60,10 @@ def map_budget(teacher: nn.Module, paths: list[str], target_params: int) -> int:
     return target_params - fixed
 
 
-def svd_spec(teacher: nn.Module, target_params: int) -> KroneckerSpec:
-    """Every block map at low rank, A (out, 1) ⊗ B (1, in) × r, one fraction of each map's size for all, so that
-    the student lands near `target_params` (the low-rank baseline; with calibration, activation-aware SVD)."""
-    shapes, paths = weight_shapes(teacher), block_maps(teacher)
+def svd_spec(teacher: nn.Module, target_params: int, paths: list[str] | None = None) -> KroneckerSpec:
+    """Every block map (or those in `paths`) at low rank, A (out, 1) ⊗ B (1, in) × r, one fraction of each map's size
+    for all, so that the student lands near `target_params` (with calibration, activation-aware SVD)."""
+    shapes, paths = weight_shapes(teacher), paths or block_maps(teacher)
     fraction = map_budget(teacher, paths, target_params) / sum(shapes[p][0] * shapes[p][1] for p in paths)
     modules = {}
     for path in paths:
