@@ -37,7 +37,8 @@ def compress(
     odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Compress a dense GPT-2 or Llama into a Kronecker student initialised by the nearest Kronecker product."""
+    """Compress a dense GPT-2 or Llama into a Kronecker student: factors from the nearest Kronecker product, or fitted
+    to the teacher's outputs on calibration text (--calib)."""
     from kninfer import modeling
     from kninfer.modeling.compress import count_parameters
     from kninfer.modeling.families import dims
