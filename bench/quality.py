@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from kninfer.errors import KninferError
-from kninfer.modeling import compress, load
+from kninfer.modeling import KroneckerSpec, compress, load
 from kninfer.modeling.compress import count_parameters
 from kninfer.modeling.families import family_of
 from kninfer.modeling.presets import block_maps, svd_spec
@@ -97,15 +96,15 @@ def main() -> None:
             model = teacher
         else:
             uses_calibration = options.get("init") == "calibrated" or options["preset"] == "drop"
-            preset = options["preset"]
+            preset, size = options["preset"], {"ratio": ratio}
             if preset == "odd-mlp-svd":
                 try:
-                    preset = odd_mlp_spec(teacher, round(ratio * count_parameters(teacher)))
+                    preset, size = odd_mlp_spec(teacher, round(ratio * count_parameters(teacher))), {}
                 except KninferError as error:
                     print(f"{method} at {ratio}: {error}")
                     continue
-            model, _ = compress(teacher, preset, init=options.get("init"), ratio=None if preset != options["preset"]
-                                else ratio, calibration=calibration if uses_calibration else None)
+            model, _ = compress(teacher, preset, init=options.get("init"),
+                                calibration=calibration if uses_calibration else None, **size)
         seconds = time.perf_counter() - started
         value, scored = perplexity(model.eval(), ids, window, window)
         row = {"method": method, "ratio": ratio, "parameters": count_parameters(model),
@@ -116,16 +115,14 @@ def main() -> None:
         write(results, out)
 
 
-def odd_mlp_spec(teacher: Any, target_params: int) -> str:
-    """A JSON spec file: the MLP maps of the odd blocks at one relative low rank, landing near `target_params`."""
+def odd_mlp_spec(teacher: Any, target_params: int) -> KroneckerSpec:
+    """The MLP maps of the odd blocks at one relative low rank, landing near `target_params`."""
     paths = [path for path in block_maps(teacher) if int(path.split(".")[2]) % 2 and path.rsplit(".", 1)[1] in
              {name.rsplit(".", 1)[1] for name in family_of(teacher.config).mlp}]
     spec = svd_spec(teacher, target_params, paths)
     if any(shape.rank * (shape.m1 + shape.n2) >= shape.m1 * shape.n2 for shape in spec.modules.values()):
         raise KninferError("the budget needs more than the odd blocks' MLP maps can give")
-    file = Path(tempfile.mkdtemp()) / "odd-mlp-svd.json"
-    file.write_text(json.dumps(spec.to_dict()))
-    return str(file)
+    return spec
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from kninfer.activation_fit import fit_kronecker, output_error, second_moment
 from kninfer.kron import FactorShape, KroneckerLinear
-from kninfer.modeling.families import dense_weight, dims, family_of
+from kninfer.modeling.families import dense_weight, dims, family_of, input_module
 
 Moments = dict[str, torch.Tensor]  # module path -> E[x xᵀ] of its inputs (float64)
 
@@ -105,8 +105,7 @@ def _block_moments(block: nn.Module, pending: dict[str, nn.Module], hiddens: lis
         for hidden in hiddens:
             block(hidden, *args, **kwargs)
     tokens = sum(hidden.shape[:-1].numel() for hidden in hiddens)
-    first_readers = list(dict.fromkeys(reads[0][1]))
-    return {path: total / tokens for path, total in sums.items()}, first_readers
+    return {path: total / tokens for path, total in sums.items()}, reads[0][1]
 
 
 def _block_inputs(model: nn.Module, calibration: torch.Tensor) -> list[tuple[torch.Tensor, tuple, dict]]:
@@ -146,22 +145,13 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 def _capturing(model: nn.Module, modules: list[str] | dict[str, nn.Module],
                record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Call record(path, input) each time a module runs: `modules` are paths in `model`, or path -> module."""
-    found = modules if isinstance(modules, dict) else {path: _reader(model, path) for path in modules}
+    found = modules if isinstance(modules, dict) else {path: input_module(model, path) for path in modules}
     hooks = [module.register_forward_pre_hook(_pre_hook(path, record)) for path, module in found.items()]
     try:
         yield
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def _reader(model: nn.Module, path: str) -> nn.Module:
-    """The module whose input is the input of the map at `path`: itself, or for a part of a fused map (GPT-2's q,
-    k, v inside c_attn) the fused module."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return model.get_submodule(path.rsplit(".", 1)[0])
 
 
 def _pre_hook(path: str, record: Callable[[str, torch.Tensor], None]) -> Callable:

@@ -35,15 +35,16 @@ class LayerRow:
 
 
 def compress(
-    teacher: PreTrainedModel, preset: str, *, tie_head: bool | None = None, init: str | None = None,
+    teacher: PreTrainedModel, preset: str | KroneckerSpec, *, tie_head: bool | None = None, init: str | None = None,
     target_params: int | None = None, ratio: float | None = None, rank: int = 1, odd_base: int = 0,
     calibration: torch.Tensor | None = None, progress: Callable[[str], None] | None = None,
 ) -> tuple[PreTrainedModel, list[LayerRow]]:
-    """A student built from `teacher` by `preset` (a name in PRESETS or a JSON spec file). `tie_head` (default: the
-    teacher's tie_word_embeddings) makes a Kronecker embedding's factors the LM head too. The student's size is
-    `target_params` or `ratio` of the teacher's for krony-pt, auto, svd and drop. `calibration` (N, T) token ids
-    make `calibrated` the default init: the maps in blocks fitted to the teacher's outputs on them (calibrate.py);
-    without them the init is Van Loan's (Krony-PT's rescaled variant for krony-pt). auto needs them."""
+    """A student built from `teacher` by `preset` (a name in PRESETS, a JSON spec file or a KroneckerSpec).
+    `tie_head` (default: the teacher's tie_word_embeddings) makes a Kronecker embedding's factors the LM head too.
+    The student's size is `target_params` or `ratio` of the teacher's for krony-pt, auto, svd and drop.
+    `calibration` (N, T) token ids make `calibrated` the default init: the maps in blocks fitted to the teacher's
+    outputs on them (calibrate.py); without them the init is Van Loan's (Krony-PT's rescaled variant for krony-pt).
+    auto needs them."""
     family = family_of(teacher.config)
     if type(teacher) is not family.causal_lm:
         raise KninferError(f"the teacher must be a dense {family.name} causal LM ({family.causal_lm.__name__}), "
@@ -52,11 +53,13 @@ def compress(
     target_params = _target(teacher, target_params, ratio)
     budget = target_params or round(BUDGET_FRACTION * count_parameters(teacher))
     tie_head = bool(teacher.config.tie_word_embeddings) if tie_head is None else tie_head
-    if preset in ("distil", "drop"):
+    if isinstance(preset, KroneckerSpec):
+        spec = preset
+    elif preset in ("distil", "drop"):
         layers = dims(teacher.config).layers
         dropped = dropped_layers(teacher, budget, calibration) if preset == "drop" else range(1, layers, 2)
         return drop_layers(teacher, [i for i in range(layers) if i not in dropped])
-    if preset == "kngpt2":
+    elif preset == "kngpt2":
         spec = kngpt2_spec(teacher, odd_base=odd_base, tie_head=tie_head)
     elif preset == "krony-pt":
         spec = krony_pt_spec(teacher, target_params, rank)

@@ -118,6 +118,11 @@ def weight_shape(model: nn.Module, path: str) -> tuple[int, int]:
     raise KninferError(f"module '{path}' ({type(module).__name__}) has no weight matrix")
 
 
+def input_module(model: nn.Module, path: str) -> nn.Module:
+    """The module whose input is the map's input: the map itself, or the fused c_attn that holds GPT-2's q, k or v."""
+    return gpt2.fused_module(model, path) or model.get_submodule(path)
+
+
 def dense_weight(model: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (out, in) weight and bias at `path`: Conv1D transposed, Kronecker layers materialised, GPT-2's q/k/v
     sliced out of a fused c_attn, and a split c_attn concatenated back."""

@@ -36,7 +36,7 @@ def split_qkv(model: nn.Module, path: str) -> None:
 
 def fused_part(model: nn.Module, path: str) -> tuple[int, int] | None:
     """The (out, in) shape of q, k or v inside a fused c_attn; None for any other path."""
-    fused = _fused(model, path)
+    fused = fused_module(model, path)
     return None if fused is None else (fused.weight.shape[0], fused.weight.shape[0])
 
 
@@ -46,7 +46,7 @@ Reader = Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor | None]]
 def fused_weight(model: nn.Module, path: str, read: Reader) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """q, k or v sliced out of a fused c_attn, or a split c_attn's three maps concatenated (each read by `read`);
     None for any other path."""
-    fused = _fused(model, path)
+    fused = fused_module(model, path)
     if fused is not None:
         W, b = read(model, path.rpartition(".")[0])
         part = slice(QKV.index(path[-1]) * W.shape[1], (QKV.index(path[-1]) + 1) * W.shape[1])
@@ -58,8 +58,8 @@ def fused_weight(model: nn.Module, path: str, read: Reader) -> tuple[torch.Tenso
     return None
 
 
-def _fused(model: nn.Module, path: str) -> nn.Module | None:
-    """The fused c_attn that holds `path` (…attn.c_attn.q/k/v), or None."""
+def fused_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The fused c_attn that holds `path` (…attn.c_attn.q/k/v), or None for any other path."""
     parent, _, name = path.rpartition(".")
     if name not in QKV or not parent.endswith("attn.c_attn"):
         return None
