@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 
+from kninfer.atomic import write_text
 from kninfer.errors import KninferError
-from kninfer.modeling import KroneckerSpec, compress, load
+from kninfer.modeling import compress, load
 from kninfer.modeling.compress import count_parameters
-from kninfer.modeling.families import family_of
-from kninfer.modeling.presets import block_maps, svd_spec
 from kninfer.train.data import calibration_ids
 from kninfer.train.eval_lm import eval_text, perplexity
 
@@ -46,7 +45,7 @@ METHODS = {  # name -> compress() keywords; "calibrated" methods get the calibra
     "krony-pt (calibrated)": {"preset": "krony-pt", "init": "calibrated"},
     "krony-pt (van-loan-rescaled)": {"preset": "krony-pt", "init": "van-loan-rescaled"},
     "svd (plain)": {"preset": "svd", "init": "van-loan"},
-    "svd (activation-aware, odd-block MLPs)": {"preset": "odd-mlp-svd", "init": "calibrated"},
+    "svd (activation-aware, odd-block MLPs)": {"preset": "odd-mlp", "init": "calibrated"},
 }
 PAPER = {"kngpt2 (paper, van-loan)": {"preset": "kngpt2", "init": "van-loan"},
          "kngpt2 (paper, calibrated)": {"preset": "kngpt2", "init": "calibrated"}}
@@ -96,15 +95,12 @@ def main() -> None:
             model = teacher
         else:
             uses_calibration = options.get("init") == "calibrated" or options["preset"] == "drop"
-            preset, size = options["preset"], {"ratio": ratio}
-            if preset == "odd-mlp-svd":
-                try:
-                    preset, size = odd_mlp_spec(teacher, round(ratio * count_parameters(teacher))), {}
-                except KninferError as error:
-                    print(f"{method} at {ratio}: {error}")
-                    continue
-            model, _ = compress(teacher, preset, init=options.get("init"),
-                                calibration=calibration if uses_calibration else None, **size)
+            try:
+                model, _ = compress(teacher, options["preset"], init=options.get("init"), ratio=ratio,
+                                    calibration=calibration if uses_calibration else None)
+            except KninferError as error:  # odd-mlp: a budget beyond what the odd blocks' MLP maps can give
+                print(f"{method} at {ratio}: {error}")
+                continue
         seconds = time.perf_counter() - started
         value, scored = perplexity(model.eval(), ids, window, window)
         row = {"method": method, "ratio": ratio, "parameters": count_parameters(model),
@@ -115,22 +111,10 @@ def main() -> None:
         write(results, out)
 
 
-def odd_mlp_spec(teacher: Any, target_params: int) -> KroneckerSpec:
-    """The MLP maps of the odd blocks at one relative low rank, landing near `target_params`."""
-    paths = [path for path in block_maps(teacher) if int(path.split(".")[2]) % 2 and path.rsplit(".", 1)[1] in
-             {name.rsplit(".", 1)[1] for name in family_of(teacher.config).mlp}]
-    spec = svd_spec(teacher, target_params, paths)
-    if any(shape.rank * (shape.m1 + shape.n2) >= shape.m1 * shape.n2 for shape in spec.modules.values()):
-        raise KninferError("the budget needs more than the odd blocks' MLP maps can give")
-    return spec
-
-
 def write(results: dict[str, Any], out: Path) -> None:
     """JSON, a markdown table and a perplexity-vs-parameters plot, each replaced whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(results, indent=1))
-    temporary.replace(out)
+    write_text(out, json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))
     plot(results, out.with_suffix(".png"))
 

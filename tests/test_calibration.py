@@ -181,3 +181,22 @@ def test_compress_cli_with_calibration(tmp_path, tiny_teacher_dir, text_file):
     model, _ = load(out)
     teacher, _ = load(tiny_teacher_dir)
     assert count_parameters(model) <= 0.99 * count_parameters(teacher)
+
+
+@pytest.mark.parametrize("model", ["tiny_teacher", "tiny_llama"])
+def test_odd_mlp_factors_only_the_odd_blocks_mlp_maps_and_lands_on_the_target(model, request):
+    teacher = request.getfixturevalue(model)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    shapes = weight_shapes(teacher)
+    odd_mlp = [p for p in block_maps(teacher) if int(p.split(".")[2]) % 2 and ".mlp." in p]
+    maps = sum(shapes[p][0] * shapes[p][1] for p in odd_mlp)
+    target = count_parameters(teacher) - maps // 2
+    student, rows = compress(teacher, "odd-mlp", target_params=target, calibration=ids)
+    assert sorted(row.path for row in rows) == sorted(odd_mlp)
+    modules = [student.get_submodule(row.path) for row in rows]
+    assert all(m.n1 == 1 and m.m2 == 1 and m.rank < min(m.m1, m.n2) for m in modules)  # A columns, B rows: low rank
+    assert abs(count_parameters(student) - target) <= maps * 0.02
+    with pytest.raises(KninferError, match="below the .* parameters outside the maps"):
+        compress(teacher, "odd-mlp", target_params=count_parameters(teacher) - maps, calibration=ids)
+    with pytest.raises(KninferError, match="saves nothing"):
+        compress(teacher, "odd-mlp", target_params=count_parameters(teacher) - 10, calibration=ids)

@@ -16,9 +16,10 @@ def compress(
                                               "or a .gguf file.")],
     out: Annotated[Path, typer.Option(help="Where to write the student: a directory (HF format) or FILE.pt.")],
     preset: Annotated[str, typer.Option(help="kngpt2 (paper), krony-pt (MLP only), auto (shapes and ranks per map "
-                                             "by calibrated output error; needs --calib), svd (low rank), drop (whole "
-                                             "blocks, by influence with --calib), distil (every other layer), or a "
-                                             "JSON spec file.")] = "kngpt2",
+                                             "by calibrated output error; needs --calib), svd (low rank), odd-mlp (low "
+                                             "rank on the odd blocks' MLP maps), drop (whole blocks, by influence "
+                                             "with --calib), distil (every other layer), or a JSON spec file."
+                                        )] = "kngpt2",
     tie_head: Annotated[bool | None, typer.Option(
         "--tie-head/--no-tie-head", help="LM head reuses the Kronecker embedding (A @ (H @ Bᵀ)); default: as the "
                                          "teacher (tied embeddings: tied head).", show_default=False)] = None,
@@ -28,13 +29,14 @@ def compress(
     calib: Annotated[str | None, typer.Option(help="Calibration text: a .txt/.raw file, a folder (its train split) or "
                                                    "a hub dataset name:config.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens read from --calib.", min=1)] = 8192,
-    ratio: Annotated[float | None, typer.Option(help="krony-pt, auto, svd, drop: the student's parameters as a "
-                                                     "fraction of the teacher's (default 0.8; krony-pt 0.655).",
+    ratio: Annotated[float | None, typer.Option(help="krony-pt, auto, svd, odd-mlp, drop: the student's parameters "
+                                                     "as a fraction of the teacher's (default 0.8; krony-pt 0.655).",
                                                 min=0, max=1)] = None,
-    target_params: Annotated[int | None, typer.Option(help="krony-pt, auto, svd, drop: total parameters to aim "
-                                                           "for (instead of --ratio).", min=1)] = None,
+    target_params: Annotated[int | None, typer.Option(help="krony-pt, auto, svd, odd-mlp, drop: total parameters "
+                                                           "to aim for (instead of --ratio).", min=1)] = None,
     rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.", min=1)] = 1,
-    odd_base: Annotated[int, typer.Option(help="kngpt2: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, 4, ...).")] = 0,
+    odd_base: Annotated[int, typer.Option(help="kngpt2, odd-mlp: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, "
+                                               "4, ...).")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a dense GPT-2 or Llama into a Kronecker student: factors from the nearest Kronecker product, or fitted

@@ -18,7 +18,15 @@ from kninfer.modeling.budget import auto_spec
 from kninfer.modeling.calibrate import block_influence, refit
 from kninfer.modeling.configuration_kronecker import KroneckerSpec
 from kninfer.modeling.families import dense_weight, dims, family_of, set_dense_weight, weight_shape
-from kninfer.modeling.presets import BUDGET_FRACTION, PRESETS, kngpt2_spec, krony_pt_spec, load_spec_file, svd_spec
+from kninfer.modeling.presets import (
+    BUDGET_FRACTION,
+    PRESETS,
+    kngpt2_spec,
+    krony_pt_spec,
+    load_spec_file,
+    odd_mlp_spec,
+    svd_spec,
+)
 
 
 @dataclass
@@ -41,7 +49,7 @@ def compress(
 ) -> tuple[PreTrainedModel, list[LayerRow]]:
     """A student built from `teacher` by `preset` (a name in PRESETS, a JSON spec file or a KroneckerSpec).
     `tie_head` (default: the teacher's tie_word_embeddings) makes a Kronecker embedding's factors the LM head too.
-    The student's size is `target_params` or `ratio` of the teacher's for krony-pt, auto, svd and drop.
+    The student's size is `target_params` or `ratio` of the teacher's for krony-pt, auto, svd, odd-mlp and drop.
     `calibration` (N, T) token ids make `calibrated` the default init: the maps in blocks fitted to the teacher's
     outputs on them (calibrate.py); without them the init is Van Loan's (Krony-PT's rescaled variant for krony-pt).
     auto needs them."""
@@ -65,6 +73,8 @@ def compress(
         spec = krony_pt_spec(teacher, target_params, rank)
     elif preset == "svd":
         spec = svd_spec(teacher, budget)
+    elif preset == "odd-mlp":
+        spec = odd_mlp_spec(teacher, budget, odd_base)
     elif preset == "auto":
         if calibration is None:
             raise KninferError("preset auto chooses shapes by output error on calibration text: give --calib")

@@ -14,9 +14,9 @@ from kninfer.kron import FactorShape, check_divides, check_positive, check_rank,
 from kninfer.modeling.configuration_kronecker import FACTORS, KroneckerSpec
 from kninfer.modeling.families import dims, family_of, weight_shapes
 
-PRESETS = ("kngpt2", "krony-pt", "auto", "svd", "drop", "distil")
+PRESETS = ("kngpt2", "krony-pt", "auto", "svd", "odd-mlp", "drop", "distil")
 KRONY_PT_FRACTION = 0.655  # Krony-PT's 81M model is 65.5% of GPT-2 small's 124M
-BUDGET_FRACTION = 0.8  # auto, svd and drop without a target: 80% of the teacher's parameters
+BUDGET_FRACTION = 0.8  # auto, svd, odd-mlp and drop without a target: 80% of the teacher's parameters
 
 
 def kngpt2_spec(teacher: nn.Module, odd_base: int = 0, f: int = 2, tie_head: bool = False) -> KroneckerSpec:
@@ -71,6 +71,19 @@ def svd_spec(teacher: nn.Module, target_params: int, paths: list[str] | None = N
         rank = max(1, round(fraction * out_features * in_features / (out_features + in_features)))
         modules[path] = FactorShape(out_features, 1, 1, in_features, min(rank, out_features, in_features))
     return KroneckerSpec(modules)
+
+
+def odd_mlp_spec(teacher: nn.Module, target_params: int, odd_base: int = 0) -> KroneckerSpec:
+    """The MLP maps of the odd blocks (the paper's layers) at one relative low rank, landing near `target_params`:
+    before training, the best student at 85% of SmolLM2-135M (bench/results/quality-smollm2.md)."""
+    family = family_of(teacher.config)
+    paths = [f"{family.block(i)}.{name}" for i in range(1 - odd_base % 2, dims(teacher.config).layers, 2)
+             for name in family.mlp]
+    spec = svd_spec(teacher, target_params, paths)
+    if any(shape.rank * (shape.m1 + shape.n2) >= shape.m1 * shape.n2 for shape in spec.modules.values()):
+        raise KninferError(f"a student of {target_params:,} parameters leaves the odd blocks' MLP maps at a rank "
+                           "that saves nothing: ask for fewer parameters (--ratio, --target-params)")
+    return spec
 
 
 def resolve_spec(spec: dict[str, Any], teacher: nn.Module) -> KroneckerSpec:
