@@ -2,6 +2,7 @@
 
     python bench/latency.py --bundle a/model.onnx --bundle b/model.onnx    # numpy + onnxruntime + tokenizers
     python bench/latency.py --zoo [--family gpt2|llama] [--quick]          # builds a standard set (needs torch)
+    python bench/latency.py --bundle a/model.onnx --peers DENSE_DIR        # + llama.cpp, onnxruntime-genai (peers.py)
 
 Every measurement runs in a fresh subprocess (bench/measure.py), one at a time, models interleaved in rounds
 with the start rotated each round, so no two models share the cores or the allocator and slow drift hits all
@@ -23,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import peers
 from rich.console import Console
 from rich.progress import Progress
 
@@ -30,6 +32,8 @@ from kninfer.errors import KninferError
 from kninfer.runtime.bundle import read_bundle
 
 HERE = Path(__file__).resolve().parent
+PARETO_SPAN = 10  # the Pareto plot shows models within this factor of the best perplexity, and names the others
+MARKERS = {"torch": "s", "llama.cpp": "^", "onnxruntime-genai": "D"}  # plot markers by runtime; "o" otherwise
 RSS_ALLOWANCE = 150e6  # target: peak RSS of a Kronecker variant <= its weight bytes + 150 MB
 FULL = {"rounds": 5, "prompt_lengths": [32, 128, 512], "past_lengths": [32, 512], "decode_steps": 64,
         "warmup_steps": 8, "prefill_repeats": 5, "text_tokens": 16384}
@@ -41,7 +45,8 @@ EMBEDDINGS = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
 MLP_MAPS = {"gpt2": ("mlp.c_fc", "mlp.c_proj"), "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 ZOO_FAMILIES = ("gpt2", "llama")  # bench/zoo.py's FAMILIES
 TARGETS_FROM = "gpt2"  # the family the speed targets were set on (GPT-2 small)
-PACKAGES = ("kninfer", "numpy", "onnxruntime", "tokenizers", "onnx", "torch", "transformers", "optimum-onnx")
+PACKAGES = ("kninfer", "numpy", "onnxruntime", "tokenizers", "onnx", "torch", "transformers", "optimum-onnx",
+            "llama-cpp-python", "onnxruntime-genai")
 console = Console(stderr=True)
 
 
@@ -52,6 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "reference unless --reference names another.")
     parser.add_argument("--torch", action="append", default=[], type=Path,
                         help="A Hugging Face model folder to run in PyTorch eager as well (needs torch).")
+    parser.add_argument("--peers", type=Path, metavar="DENSE_DIR",
+                        help="Also run llama.cpp and onnxruntime-genai on the weights of this dense Hugging Face "
+                             "folder, in the same rounds (bench/peers.py prepares their files; the peers extra).")
+    parser.add_argument("--peer-variants", nargs="+", choices=peers.VARIANTS, default=peers.VARIANTS,
+                        metavar="VARIANT", help=f"Which peers (default all: {' '.join(peers.VARIANTS)}).")
+    parser.add_argument("--peers-cache", type=Path, default=peers.DEFAULT_CACHE,
+                        help="Where the peers' files are written and reused from.")
+    parser.add_argument("--builder-python",
+                        help="Python of a venv with onnxruntime-genai's model builder, for genai models not built "
+                             "yet (default $KNINFER_GENAI_BUILDER; see bench/peers.py).")
     parser.add_argument("--zoo", action="store_true",
                         help="Build and export the standard set of --family from its config with random weights "
                              "(needs torch).")
@@ -140,11 +155,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 model["memory"] = measure(spec, args.timeout)
                 if model["runtime"] == "onnxruntime":
                     model["memory_low"] = measure({**spec, "low_memory": True}, args.timeout)
-            if args.text_file and model["runtime"] == "onnxruntime":
+            if args.text_file and model["runtime"] in ("onnxruntime", *peers.RUNTIMES):
                 progress.update(task, description=f"perplexity: {model['name']}")
-                model["perplexity"] = measure({"job": "perplexity", "path": model["path"], "threads": args.threads,
-                                               "text_file": str(args.text_file), "max_tokens": args.text_tokens,
-                                               "window": 1024}, args.timeout)
+                model["perplexity"] = measure({"job": "perplexity", "runtime": model["runtime"], "path": model["path"],
+                                               "threads": args.threads, "text_file": str(args.text_file),
+                                               "max_tokens": args.text_tokens, "window": 1024,
+                                               "tokenizer": model.get("tokenizer")}, args.timeout)
 
     summarise(models, bandwidth, reference, args.batch)
     results = {
@@ -157,11 +173,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                      "zoo": args.family if args.zoo else None,
                      "ratio_past_length": args.past_lengths[0],
                      "memory_new_tokens": args.new_tokens if args.memory else None,
-                     "text_file": str(args.text_file) if args.text_file else None, "text_tokens": args.text_tokens},
+                     "text_file": str(args.text_file) if args.text_file else None, "text_tokens": args.text_tokens,
+                     "peers": str(args.peers) if args.peers else None},
         "bandwidth": {"rounds": bandwidth, **spread([b["gb_s"] for b in bandwidth])},
         "models": models,
         "targets": targets(models, reference, args.past_lengths[0]),
         "zoo_build_s": zoo_s,
+        "peers": getattr(args, "peer_record", None),
     }
     results["wall_s"] = time.perf_counter() - clock
     write_outputs(results, args.out_dir, started)
@@ -170,8 +188,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Bad option values, named."""
-    if not (args.bundle or args.zoo or args.torch):
-        raise KninferError("nothing to measure: pass --bundle PATH (repeatable), --torch DIR or --zoo")
+    if not (args.bundle or args.zoo or args.torch or args.peers):
+        raise KninferError("nothing to measure: pass --bundle PATH (repeatable), --torch DIR, --peers DIR or --zoo")
+    if args.peers and not (args.peers / "config.json").is_file():
+        raise KninferError(f"--peers '{args.peers}' is not a Hugging Face model folder (no config.json)")
+    if args.peers and args.batch != 1:
+        raise KninferError(f"--peers runs at batch 1 (llama-cpp-python's Llama holds one sequence): got --batch "
+                           f"{args.batch}")
     if args.family and not args.zoo:
         raise KninferError(f"--family {args.family} chooses the zoo: pass it with --zoo")
     args.family = args.family or "gpt2"
@@ -204,12 +227,29 @@ def collect_models(args: argparse.Namespace) -> tuple[list[dict[str, Any]], floa
         config = json.loads((path / "config.json").read_text())
         entries.append({"name": f"torch-{path.name}", "path": str(path), "runtime": "torch", **model_kind(config),
                         "variant": "fp32"})
+    if args.peers:
+        entries += peer_models(args)
     names, folders = [e["name"] for e in entries], [Path(e["path"]).parent for e in entries]
     for entry, folder in zip(entries, folders, strict=True):
         if names.count(entry["name"]) > 1:  # graphs of one folder (variants): add the file's name; else the parent's
             entry["name"] = (f"{entry['name']}/{Path(entry['path']).stem}" if folders.count(folder) > 1
                              else f"{folder.parent.name}/{entry['name']}")
     return [{**e, "rounds": [], "memory": None, "memory_low": None, "perplexity": None} for e in entries], zoo_s
+
+
+def peer_models(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--peer-variants of --peers' weights, their files made first where missing (bench/peers.py); their record
+    (how each file was made) is kept as args.peer_record for the JSON."""
+    try:
+        args.peer_record = peers.prepare(args.peers, args.peers_cache, args.peer_variants, args.builder_python,
+                                         args.threads, progress=lambda text: console.print(text))
+    except (RuntimeError, ImportError, subprocess.CalledProcessError) as error:
+        raise KninferError(f"--peers: {error}") from None
+    config = json.loads((args.peers / "config.json").read_text())
+    folder = Path(args.peer_record["folder"])
+    return [{"name": variant, "path": str(peers.peer_path(folder, variant)), "runtime": variant.split("/")[0],
+             **model_kind(config), "variant": variant.split("/")[1], "parameters": args.peer_record["parameters"],
+             "tokenizer": args.peer_record["tokenizer"]} for variant in args.peer_variants]
 
 
 def model_kind(meta: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +317,8 @@ def default_tokenizer() -> Path:
 def describe(model: dict[str, Any], batch: int, past_lengths: list[int]) -> dict[str, Any]:
     """Static facts: model_type, layers, parameters, file bytes and the weight bytes one decode step reads."""
     path = Path(model["path"])
+    if model["runtime"] in peers.RUNTIMES:
+        return peers.describe(path, model["runtime"], model.get("parameters"), batch, past_lengths, graph_weight_bytes)
     if model["runtime"] == "torch":
         config = json.loads((path / "config.json").read_text())
         files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
@@ -331,10 +373,11 @@ def graph_weight_bytes(onnx_path: Path) -> dict[str, int] | None:
 
 
 def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one job of bench/measure.py in a fresh process and return its JSON."""
+    """Run one job of bench/measure.py (bench/peers.py for a peer engine) in a fresh process and return its JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    script = HERE / ("peers.py" if spec.get("runtime") in peers.RUNTIMES else "measure.py")
     try:
-        done = subprocess.run([sys.executable, str(HERE / "measure.py"), json.dumps(spec)], capture_output=True,
+        done = subprocess.run([sys.executable, str(script), json.dumps(spec)], capture_output=True,
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise KninferError(f"{spec['job']} of '{spec.get('path', '')}' took over {timeout:.0f} s") from None
@@ -472,14 +515,17 @@ def versions() -> dict[str, str | None]:
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path, started: dt.datetime) -> None:
-    """latency-<time>.json, .md and .png (the plot only when matplotlib is installed), each written atomically."""
+    """latency-<time>.json, .md and .png (the plot only when matplotlib is installed; with perplexities also
+    latency-<time>-pareto.png), each written atomically."""
     from kninfer.atomic import atomic_path
 
     stem = out_dir / f"latency-{started.strftime('%Y%m%d-%H%M%S')}"
     results["markdown"] = markdown(results)
-    results["files"] = {"json": f"{stem}.json", "markdown": f"{stem}.md", "plot": None}
+    results["files"] = {"json": f"{stem}.json", "markdown": f"{stem}.md", "plot": None, "pareto": None}
     if plot(results, Path(f"{stem}.png")):
         results["files"]["plot"] = f"{stem}.png"
+    if pareto_plot(results, Path(f"{stem}-pareto.png")):
+        results["files"]["pareto"] = f"{stem}-pareto.png"
     with atomic_path(f"{stem}.md") as tmp:
         tmp.write_text(results["markdown"] + "\n")
     with atomic_path(f"{stem}.json") as tmp:
@@ -549,6 +595,18 @@ def markdown(results: dict[str, Any]) -> str:
         margin = "" if t["margin"] is None else f", margin {t['margin']:+.0%}"
         out.append(f"- {verdict}: {t['model']}: {t['target']}: measured {_fmt(t['measured'], 2)} vs "
                    f"{_fmt(t['threshold'], 2)}{margin}")
+    if results.get("peers"):
+        record, names = results["peers"], {m["name"] for m in results["models"]}
+        out += ["", "### Peer engines (bench/peers.py)", "",
+                f"Made from `{record['source']}`, timed on the same prompt ids and scored on the same text ids as "
+                "the bundles; llama.cpp keeps its KV cache in f16, onnxruntime-genai's CPU models in fp32. "
+                "llama.cpp's K-quants need rows of 256: where a model's are narrower, it falls back to other types "
+                "(the tensor counts below).", ""]
+        for variant, entry in record["files"].items():
+            if variant in names:
+                types = ", ".join(f"{k} ×{v}" for k, v in (entry.get("tensor_types") or {}).items())
+                out.append(f"- {variant}: {entry['tool']}: `{' '.join(entry['command'])}`"
+                           + (f"; tensors: {types}" if types else ""))
     return "\n".join(out)
 
 
@@ -579,8 +637,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             continue
         size = m["file_bytes"] / 1e6
         sizes.append(size)
-        marker = "s" if m["runtime"] == "torch" else "o"
-        ax.scatter(size, decode["p50"]["median"], marker=marker, zorder=3)
+        ax.scatter(size, decode["p50"]["median"], marker=MARKERS.get(m["runtime"], "o"), zorder=3)
         ax.annotate(m["name"], (size, decode["p50"]["median"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         floor = m["summary"]["floor_ms"].get(key)
         if floor:
@@ -595,6 +652,52 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{results['machine']['cpu']}, {results['settings']['threads']} threads, "
                  f"batch {results['settings']['batch']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
+def pareto_plot(results: dict[str, Any], path: Path) -> bool:
+    """Perplexity against decode ms/token at the first past length, one point per model with both, and the Pareto
+    front (no other model both faster and better); models over PARETO_SPAN x the best perplexity are named, not
+    drawn. False without perplexities or matplotlib."""
+    key = str(results["settings"]["ratio_past_length"])
+    points = [(m["summary"]["decode_ms"][key]["p50"]["median"], m["perplexity"]["perplexity"], m)
+              for m in results["models"] if m["perplexity"] and key in m["summary"]["decode_ms"]]
+    if not points:
+        return False
+    best_ppl = min(p[1] for p in points)
+    off = [p[2]["name"] for p in points if p[1] > PARETO_SPAN * best_ppl]
+    points = [p for p in points if p[1] <= PARETO_SPAN * best_ppl]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from kninfer.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for ms, ppl, m in points:  # named in the legend: close points' labels would overlap
+        ax.scatter(ms, ppl, marker=MARKERS.get(m["runtime"], "o"), zorder=3, label=m["name"])
+    front, best = [], float("inf")
+    for ms, ppl, _ in sorted(points, key=lambda p: (p[0], p[1])):
+        if ppl < best:
+            front.append((ms, ppl))
+            best = ppl
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", linestyle="--",
+            label="Pareto front", zorder=2)
+    ax.set_xlabel(f"decode ms/token at past {key} (p50)")
+    ax.set_ylabel(f"perplexity ({Path(results['settings']['text_file']).name}, "
+                  f"{results['settings']['text_tokens']} tokens)")
+    ax.set_xlim(left=0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.set_title(f"{results['machine']['cpu']}, {results['settings']['threads']} threads, "
+                 f"batch {results['settings']['batch']}"
+                 + (f"\nnot shown (perplexity > {PARETO_SPAN}x the best): {', '.join(off)}" if off else ""), fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
