@@ -69,13 +69,15 @@ QUICK = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 416, "block_size
 SHORT = {**FULL, "student_steps": 150, "eval_tokens": 40_000, "glue_rows": 500, "glue_epochs": 2.0}
 SIZES = {"full": FULL, "short": SHORT, "quick": QUICK}
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
-# name -> (student to start from, KD mode, weight of the CE term: None keeps the paper's default)
+# name -> (student to start from, KD mode, loss recipe: "paper" or None (kninfer's default), CE weight: None keeps
+# the recipe's)
 STUDENTS = {
-    "distil-lm": ("distil-init", "none", None),
-    "distil-kd": ("distil-init", "vanilla", None),
-    "kngpt2-lm": ("kngpt2-init", "none", None),
-    "kngpt2-ilkd": ("kngpt2-init", "ilkd", None),
-    "kngpt2-kd-only": ("kngpt2-init", "ilkd", 0.0),
+    "distil-lm": ("distil-init", "none", "paper", None),
+    "distil-kd": ("distil-init", "vanilla", "paper", None),
+    "kngpt2-lm": ("kngpt2-init", "none", "paper", None),
+    "kngpt2-ilkd": ("kngpt2-init", "ilkd", "paper", None),
+    "kngpt2-kd-only": ("kngpt2-init", "ilkd", "paper", 0.0),
+    "kngpt2-ilkd-kninfer": ("kngpt2-init", "ilkd", None, None),
 }
 # Paper values, as recalled from arXiv 2110.08152 (check them against the paper); None: "see paper".
 LM_ROWS = (  # (row, model, paper WikiText-103 test perplexity)
@@ -84,6 +86,7 @@ LM_ROWS = (  # (row, model, paper WikiText-103 test perplexity)
     ("Distil + vanilla KD", "distil-kd", 23.7),
     ("KnGPT2 + LM", "kngpt2-lm", None),
     ("KnGPT2 + ILKD", "kngpt2-ilkd", 20.5),
+    ("KnGPT2 + ILKD, kninfer's recipe (relative hidden error, CE weight 1)", "kngpt2-ilkd-kninfer", None),
 )
 ABLATION_ROWS = (
     ("No pre-training", "kngpt2-init", 28608),
@@ -226,19 +229,21 @@ class Run:
         """Pre-train one student on sotu train with the shared budget (`kninfer.train.distill`)."""
         from kninfer.modeling.compress import count_parameters
         from kninfer.train import distill
-        from kninfer.train.losses import default_alphas
+        from kninfer.train.losses import Recipe, loss_recipe
         from kninfer.train.trainer import checkpoints_beside
 
-        start, kd, ce = STUDENTS[name]
-        weights = default_alphas(kd, finetune=False) | ({} if ce is None else {"ce": ce})
+        start, kd, alphas, ce = STUDENTS[name]
+        recipe = loss_recipe(kd, alphas, finetune=False)
+        recipe = recipe if ce is None else Recipe(recipe.weights | {"ce": ce}, recipe.hidden)
         s, out = self.sizes, self.model(name)
         student = distill(self.model(start), self.sotu, teacher=self.model("teacher") if kd != "none" else None,
-                          kd=kd, alphas=weights, block_size=s["block_size"], batch_size=s["student_batch"],
+                          kd=kd, alphas=recipe, block_size=s["block_size"], batch_size=s["student_batch"],
                           lr=s["student_lr"], max_steps=s["student_steps"],
                           logging_steps=s["logging_steps"], save_steps=s["save_steps"], out=out, resume="auto",
                           seed=self.args.seed, log=console.print)
         _remove_checkpoints(checkpoints_beside(out))
-        return {"parameters": count_parameters(student), "start": start, "kd": kd, "alphas": weights,
+        return {"parameters": count_parameters(student), "start": start, "kd": kd, "alphas": recipe.weights,
+                "hidden": recipe.hidden,
                 "steps": s["student_steps"], "tokens": s["student_steps"] * s["student_batch"] * s["block_size"]}
 
     def perplexity(self, name: str) -> dict[str, Any]:

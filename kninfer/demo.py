@@ -16,7 +16,6 @@ from kninfer.errors import KninferError
 
 EMBEDDED_TEACHER = files("kninfer") / "data" / "sotu-gpt2"
 HELDOUT_TEXT = files("kninfer") / "data" / "heldout-sotu.txt"
-ILKD_ALPHAS = {"embedding": 1.0, "attention": 1.0, "hidden": 1.0, "ce": 1.0}  # the demo's weights: CE not starved
 
 
 @dataclass
@@ -90,7 +89,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
         blocks = sample_blocks(teacher, min(steps * batch_size, 512), block_size, seed)
         dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks),
                                      "labels": blocks})
-    student = distill(student, dataset, teacher=teacher, tokenizer=tokenizer, alphas=ILKD_ALPHAS,
+    student = distill(student, dataset, teacher=teacher, tokenizer=tokenizer,  # kninfer's ILKD recipe
                       block_size=block_size, batch_size=batch_size, lr=lr, max_steps=steps,
                       max_samples=steps * batch_size, seed=seed, logging_steps=max(steps // 10, 1), log=log,
                       lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no", disable_tqdm=False).eval()

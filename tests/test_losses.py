@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kninfer.train.losses import loss_terms, soft_target_loss
+from kninfer.errors import KninferError
+from kninfer.train.losses import PAPER, Recipe, loss_recipe, loss_terms, relative_mse, soft_target_loss
 from kninfer.train.trainer import use_eager_attention
 
 KD_TERMS = ("embedding", "attention", "hidden")
@@ -147,3 +148,46 @@ def test_soft_target_loss_matches_reference():
     ps, pt = (np.exp(x.numpy() / tau) / np.exp(x.numpy() / tau).sum(-1, keepdims=True) for x in (s, t))
     expected = tau**2 * np.mean(np.sum(pt * np.log(pt / ps), -1))
     assert soft_target_loss(s, t, torch.ones(6), tau).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_relative_hidden_term_matches_reference(teacher, student, batch):
+    """kninfer's hidden term: mean over layers of ‖s − t‖²/‖t‖² per position, averaged over non-padded positions."""
+    t, s = _outputs(teacher, batch), _outputs(student, batch)
+    mask = batch["attention_mask"].numpy().astype(bool)
+    per_layer = []
+    for s_h, t_h in zip(s.hidden_states[1:], t.hidden_states[1:], strict=True):
+        s_h, t_h = s_h.double().numpy()[mask], t_h.double().numpy()[mask]  # (positions, features)
+        per_layer.append(np.mean(((s_h - t_h) ** 2).sum(-1) / (t_h**2).sum(-1)))
+    got = loss_terms("ilkd", s, t, batch["attention_mask"], hidden="relative")["hidden"]
+    assert got.item() == pytest.approx(np.mean(per_layer), rel=1e-5)
+    paper = loss_terms("ilkd", s, t, batch["attention_mask"], hidden="mse")["hidden"]
+    assert abs(paper.item() - got.item()) > 1e-3 * got.item()  # two different measures
+
+
+def test_relative_mse_ignores_each_positions_scale():
+    """Scaling one position's states (student and teacher alike) leaves the relative error unchanged; MSE grows."""
+    torch.manual_seed(0)
+    t = torch.randn(1, 4, 8, dtype=torch.float64)
+    s = t + 0.1 * torch.randn_like(t)
+    scale = torch.tensor([1.0, 100.0, 1.0, 1.0], dtype=torch.float64)[None, :, None]
+    mask = torch.ones(1, 4)
+    assert relative_mse(s * scale, t * scale, mask).item() == pytest.approx(relative_mse(s, t, mask).item(), rel=1e-12)
+
+
+def test_recipes_by_name_weights_or_object():
+    default = loss_recipe("ilkd", None, finetune=False)
+    assert (default.weights, default.hidden) == ({"embedding": 0.0, "attention": 0.0, "hidden": 1.0, "ce": 1.0},
+                                                 "relative")
+    paper = loss_recipe("ilkd", "paper", finetune=False)
+    assert (paper.weights, paper.hidden) == ({"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.1}, "mse")
+    assert loss_recipe("ilkd", None, finetune=True) == PAPER[("ilkd", True)]  # fine-tuning keeps the paper's
+    assert loss_recipe("ilkd", [1, 2, 3, 4], finetune=False) == Recipe(
+        {"embedding": 1.0, "attention": 2.0, "hidden": 3.0, "ce": 4.0}, "relative")
+    assert loss_recipe("ilkd", Recipe(paper.weights, "mse"), finetune=False) == paper
+    assert loss_recipe("vanilla", "paper", finetune=False).weights == {"kd": 0.5, "ce": 0.5}
+    with pytest.raises(KninferError, match="'paper' or comma-separated"):
+        loss_recipe("ilkd", "papers", finetune=False)
+    with pytest.raises(KninferError, match="hidden form"):
+        loss_recipe("ilkd", Recipe(paper.weights, "cosine"), finetune=False)
+    with pytest.raises(KninferError, match="takes 4"):
+        loss_recipe("ilkd", [1, 2], finetune=False)

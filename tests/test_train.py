@@ -19,6 +19,7 @@ from transformers import TrainerCallback, default_data_collator
 from kninfer.errors import KninferError
 from kninfer.modeling.compress import compress
 from kninfer.train.eval_lm import perplexity
+from kninfer.train.losses import loss_recipe
 from kninfer.train.trainer import TrainingInterrupted, fit
 
 BLOCK = 32
@@ -48,7 +49,7 @@ def _losses(trainer, key: str = "loss") -> list[float]:
 def test_ilkd_loss_falls(trained_teacher, tmp_path):
     student, _ = compress(trained_teacher, "kngpt2")
     trainer = fit(student, _blocks(120, seed=1), tmp_path, teacher=trained_teacher, kd="ilkd",
-                  alphas={"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.1},
+                  recipe=loss_recipe("ilkd", "paper", finetune=False),
                   collator=default_data_collator, max_steps=30, **FAST)
     losses = np.array(_losses(trainer))
     assert len(losses) == 30
@@ -59,6 +60,21 @@ def test_ilkd_loss_falls(trained_teacher, tmp_path):
                                losses, atol=2e-4)
     distillation = 0.5 * (terms["embedding"] + terms["attention"] + terms["hidden"])
     assert distillation[-5:].mean() < 0.6 * distillation[:5].mean(), distillation
+
+
+def test_default_ilkd_recipe_needs_no_attention_maps(trained_teacher, tmp_path):
+    """kninfer's recipe weighs no attention term: the student keeps its fast attention and logs no attention term;
+    the logged loss is hidden (relative) + CE, and it falls."""
+    student, _ = compress(trained_teacher, "kngpt2")
+    trainer = fit(student, _blocks(120, seed=1), tmp_path, teacher=trained_teacher, kd="ilkd",
+                  recipe=loss_recipe("ilkd", None, finetune=False), collator=default_data_collator, max_steps=20,
+                  **FAST)
+    assert not trainer.attention_maps and student.config._attn_implementation != "eager"
+    losses = np.array(_losses(trainer))
+    terms = {t: np.array(_losses(trainer, f"loss_{t}")) for t in ("embedding", "hidden", "ce")}
+    assert not _losses(trainer, "loss_attention")
+    np.testing.assert_allclose(terms["hidden"] + terms["ce"], losses, atol=2e-4)
+    assert losses[-5:].mean() < 0.9 * losses[:5].mean(), losses
 
 
 def test_ilkd_refuses_a_layer_dropped_student(trained_teacher, tmp_path):

@@ -9,11 +9,17 @@ ILKD = α1·embedding + α2·attention + α3·hidden + α4·ce, each term comput
 - hidden: Σ over layers of MSE between block outputs, `hidden_states[1:]` (the last one after ln_f, as
   transformers returns it);
 - ce: the student's own loss on the labels (next token, or the GLUE label).
+
+The paper's recipe (`paper`: those weights, hidden as MSE) starves a short run: the residual stream's scale grows
+with depth and a few positions carry huge states, so the raw MSE of the last layers outweighs everything, CE
+included. kninfer's pre-training recipe (the default) measures hidden states by their relative error instead,
+mean over layers of ‖s − t‖² / ‖t‖² at each position, and weighs CE as much (bench/results/recipes-miniature.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +28,31 @@ from transformers.utils import ModelOutput
 from kninfer.errors import KninferError
 
 TERMS = {"ilkd": ("embedding", "attention", "hidden", "ce"), "vanilla": ("kd", "ce"), "none": ("ce",)}
-PRETRAIN_ALPHAS = {"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.1}
-FINETUNE_ALPHAS = {"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.02}
-VANILLA_ALPHAS = {"kd": 0.5, "ce": 0.5}
+HIDDEN_FORMS = ("mse", "relative")
 
 
-def default_alphas(kd: str, finetune: bool) -> dict[str, float]:
-    """The paper's weights for a KD mode: pre-training or fine-tuning ILKD, 0.5/0.5 for vanilla, CE alone."""
-    if kd == "ilkd":
-        return dict(FINETUNE_ALPHAS if finetune else PRETRAIN_ALPHAS)
-    return dict(VANILLA_ALPHAS) if kd == "vanilla" else {"ce": 1.0}
+@dataclass(frozen=True)
+class Recipe:
+    """The weight of each loss term of a KD mode, and how ILKD's hidden term is measured (HIDDEN_FORMS)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    hidden: str = "relative"
+
+
+PAPER = {  # (kd, fine-tuning) -> the paper's recipe
+    ("ilkd", False): Recipe({"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.1}, "mse"),
+    ("ilkd", True): Recipe({"embedding": 0.5, "attention": 0.5, "hidden": 0.5, "ce": 0.02}, "mse"),
+    ("vanilla", False): Recipe({"kd": 0.5, "ce": 0.5}),
+    ("vanilla", True): Recipe({"kd": 0.5, "ce": 0.5}),
+}
+KNINFER_PRETRAIN = Recipe({"embedding": 0.0, "attention": 0.0, "hidden": 1.0, "ce": 1.0}, "relative")
+
+
+def default_recipe(kd: str, finetune: bool) -> Recipe:
+    """The default recipe of a KD mode: kninfer's for ILKD pre-training, else the paper's (CE alone for none)."""
+    if kd == "ilkd" and not finetune:
+        return KNINFER_PRETRAIN
+    return PAPER.get((kd, finetune), Recipe())
 
 
 def kd_terms(kd: str) -> tuple[str, ...]:
@@ -41,19 +62,30 @@ def kd_terms(kd: str) -> tuple[str, ...]:
     return TERMS[kd]
 
 
-def loss_weights(kd: str, alphas: Mapping[str, float] | Sequence[float] | None, finetune: bool) -> dict[str, float]:
-    """Weights by term: `alphas` by name or in `kd_terms` order, checked; None gives the paper's (default_alphas)."""
+def loss_recipe(kd: str, alphas: Recipe | Mapping[str, float] | Sequence[float] | str | None,
+                finetune: bool) -> Recipe:
+    """The recipe for `alphas`: None the default (default_recipe), "paper" the paper's, a Recipe itself (checked),
+    else weights by term name or in `kd_terms` order (checked), with the default's hidden form."""
     terms = kd_terms(kd)
+    default = default_recipe(kd, finetune)
     if alphas is None:
-        return default_alphas(kd, finetune)
+        return default
+    if isinstance(alphas, Recipe):
+        if alphas.hidden not in HIDDEN_FORMS:
+            raise KninferError(f"hidden form '{alphas.hidden}': expected one of {', '.join(HIDDEN_FORMS)}")
+        return Recipe(loss_recipe(kd, alphas.weights, finetune).weights, alphas.hidden)
+    if isinstance(alphas, str):
+        if alphas != "paper":
+            raise KninferError(f"--alphas '{alphas}': expected 'paper' or comma-separated numbers")
+        return PAPER.get((kd, finetune), Recipe())
     if isinstance(alphas, Mapping):
         if set(alphas) != set(terms):
             raise KninferError(f"alphas {dict(alphas)}: --kd {kd} weighs {', '.join(terms)}")
-        return {name: float(alphas[name]) for name in terms}
+        return Recipe({name: float(alphas[name]) for name in terms}, default.hidden)
     if len(alphas) != len(terms):
         shown = ",".join(f"{value:g}" for value in alphas)
         raise KninferError(f"--alphas {shown}: --kd {kd} takes {len(terms)} ({','.join(terms)})")
-    return {name: float(value) for name, value in zip(terms, alphas, strict=True)}
+    return Recipe({name: float(value) for name, value in zip(terms, alphas, strict=True)}, default.hidden)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,6 +97,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the features and the non-padded positions of (batch, seq, features) tensors."""
     return _masked_mean((student - teacher).pow(2).mean(-1), mask)
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """‖student − teacher‖² / ‖teacher‖² at each position of (batch, seq, features) tensors, over non-padded ones."""
+    tiny = torch.finfo(teacher.dtype).tiny
+    return _masked_mean((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(tiny), mask)
 
 
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,8 +123,15 @@ def attention_loss(student: ModelOutput, teacher: ModelOutput, mask: torch.Tenso
 
 
 def hidden_loss(student: ModelOutput, teacher: ModelOutput, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over layers of the MSE between block outputs."""
+    """Σ over layers of the MSE between block outputs (the paper's)."""
     return _layer_sum(mse, student.hidden_states[1:], teacher.hidden_states[1:], mask)
+
+
+def relative_hidden_loss(student: ModelOutput, teacher: ModelOutput, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the relative error of block outputs (`relative_mse`): each layer and position counts
+    alike, whatever its scale."""
+    layers = student.hidden_states[1:]
+    return _layer_sum(relative_mse, layers, teacher.hidden_states[1:], mask) / len(layers)
 
 
 def _layer_sum(loss, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor):
@@ -107,13 +152,15 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.T
 
 
 def loss_terms(kd: str, student: ModelOutput, teacher: ModelOutput | None, mask: torch.Tensor,
-               temperature: float = 2.0) -> dict[str, torch.Tensor]:
-    """Every loss term of a KD mode ("ilkd", "vanilla", "none"), unweighted, by name (see TERMS)."""
+               temperature: float = 2.0, hidden: str = "mse") -> dict[str, torch.Tensor]:
+    """Every loss term of a KD mode ("ilkd", "vanilla", "none"), unweighted, by name (see TERMS); `hidden` is the
+    form of ILKD's hidden term (HIDDEN_FORMS). Outputs without attention maps have no attention term."""
     terms = {"ce": student.loss}
     if kd == "ilkd":
-        terms |= {"embedding": embedding_loss(student, teacher, mask),
-                  "attention": attention_loss(student, teacher, mask),
-                  "hidden": hidden_loss(student, teacher, mask)}
+        hidden_term = relative_hidden_loss if hidden == "relative" else hidden_loss
+        terms |= {"embedding": embedding_loss(student, teacher, mask), "hidden": hidden_term(student, teacher, mask)}
+        if student.attentions is not None:
+            terms["attention"] = attention_loss(student, teacher, mask)
     elif kd == "vanilla":
         terms["kd"] = soft_target_loss(student.logits, teacher.logits, mask, temperature)
     return terms

@@ -26,11 +26,11 @@ from kninfer.runtime.tasks import GlueTask, get_task
 from kninfer.train.data import lm_blocks, load_lm_text
 from kninfer.train.eval_lm import eval_text, perplexity
 from kninfer.train.glue import as_classifier, evaluate, load_glue, tokenize, with_pad_token
-from kninfer.train.losses import loss_weights
+from kninfer.train.losses import Recipe, loss_recipe
 from kninfer.train.trainer import TrainingInterrupted, checkpoints_beside, fit
 
 ModelSource = PreTrainedModel | str | Path
-Alphas = Mapping[str, float] | Sequence[float] | None  # by term name, or in the KD mode's term order
+Alphas = Recipe | Mapping[str, float] | Sequence[float] | str | None  # see losses.loss_recipe
 Log = Callable[[str], object]
 Metrics = dict[str, dict[str, float]]  # split -> metric -> value
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}
@@ -66,7 +66,7 @@ def distill(
     (lr_scheduler_type, warmup_ratio, save_strategy, ...) or to `fit` (callbacks). Ctrl-C or SIGTERM stops at a
     checkpoint and raises TrainingInterrupted.
     """
-    weights = _kd_weights(kd, alphas, teacher, finetune=False)
+    recipe = _kd_recipe(kd, alphas, teacher, finetune=False)
     check_positive(block_size=block_size)
     options = _training_options(batch_size, lr, epochs, max_steps, grad_accum, logging_steps, save_steps, seed,
                                 precision, temperature, **trainer_options)
@@ -82,9 +82,9 @@ def distill(
             raise KninferError("neither the student nor the teacher has a tokenizer saved with it")
         _fits_context(model, "--block-size", block_size)
         blocks = lm_blocks(load_lm_text(data, "train"), tokenizer, block_size, max_samples, fraction)
-    log(f"{len(blocks):,} blocks of {len(blocks[0]['input_ids'])} tokens; kd={kd} alphas={weights}")
+    log(f"{len(blocks):,} blocks of {len(blocks[0]['input_ids'])} tokens; kd={kd} {_describe(kd, recipe)}")
     return _train(model, blocks, out, tokenizer, checkpoints, overwrite, log,
-                  teacher=teacher_model if kd != "none" else None, kd=kd, alphas=weights, temperature=temperature,
+                  teacher=teacher_model if kd != "none" else None, kd=kd, recipe=recipe, temperature=temperature,
                   collator=default_data_collator, resume=resume, **options)
 
 
@@ -106,8 +106,8 @@ def finetune(
     """
     glue_task = get_task(task)
     kd = kd or ("ilkd" if teacher is not None else "none")
-    weights = _kd_weights(kd, alphas, teacher, finetune=True,
-                          teacher_hint=f" (a classifier fine-tuned on {glue_task.name})")
+    recipe = _kd_recipe(kd, alphas, teacher, finetune=True,
+                        teacher_hint=f" (a classifier fine-tuned on {glue_task.name})")
     check_positive(max_length=max_length)
     options = _training_options(batch_size, lr, epochs, max_steps, grad_accum, logging_steps, save_steps, seed,
                                 precision, temperature, **trainer_options)
@@ -123,9 +123,9 @@ def finetune(
     classifier = as_classifier(dense, glue_task, tokenizer.pad_token_id, max_length)
     teacher_model = _task_classifier(teacher, glue_task)[0] if kd != "none" else None
     train_rows = tokenize(load_glue(glue_task, "train", data_dir, max_samples), tokenizer, max_length)
-    log(f"{glue_task.name}: {len(train_rows):,} training rows; kd={kd} alphas={weights}")
+    log(f"{glue_task.name}: {len(train_rows):,} training rows; kd={kd} {_describe(kd, recipe)}")
     classifier = _train(classifier, train_rows, out, tokenizer, checkpoints, overwrite, log,
-                        teacher=teacher_model, kd=kd, alphas=weights, temperature=temperature,
+                        teacher=teacher_model, kd=kd, recipe=recipe, temperature=temperature,
                         collator=DataCollatorWithPadding(tokenizer), resume=resume, **options)
     metrics = evaluate(classifier, glue_task, tokenizer, data_dir, max_length)
     _report_glue(glue_task, model, metrics, None if out is None else _metrics_path(Path(out)), log)
@@ -200,13 +200,18 @@ def _name(source: ModelSource) -> str:
     return type(source).__name__ if isinstance(source, PreTrainedModel) else str(source)
 
 
-def _kd_weights(kd: str, alphas: Alphas, teacher: ModelSource | None, finetune: bool,
-                teacher_hint: str = "") -> dict[str, float]:
-    """The KD mode's loss weights, checked; any mode but "none" needs a teacher."""
-    weights = loss_weights(kd, alphas, finetune=finetune)
+def _kd_recipe(kd: str, alphas: Alphas, teacher: ModelSource | None, finetune: bool,
+               teacher_hint: str = "") -> Recipe:
+    """The KD mode's loss recipe, checked; any mode but "none" needs a teacher."""
+    recipe = loss_recipe(kd, alphas, finetune=finetune)
     if kd != "none" and teacher is None:
         raise KninferError(f"--kd {kd} needs --teacher{teacher_hint}")
-    return weights
+    return recipe
+
+
+def _describe(kd: str, recipe: Recipe) -> str:
+    """How a log line names a recipe: its weights, and ILKD's hidden form."""
+    return f"alphas={recipe.weights}" + (f" hidden={recipe.hidden}" if kd == "ilkd" else "")
 
 
 def _training_options(batch_size: int, lr: float, epochs: float, max_steps: int, grad_accum: int, logging_steps: int,

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 
 from kninfer.errors import KninferError
 from kninfer.modeling.families import dims
-from kninfer.train.losses import TERMS, kd_terms, loss_terms
+from kninfer.train.losses import TERMS, Recipe, kd_terms, loss_terms
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what `kill`, `docker stop` and job schedulers send
 CHECKPOINT_FILES = {  # what a finished save holds besides trainer_state.json (plain, DDP, FSDP or DeepSpeed)
@@ -104,23 +104,27 @@ def use_eager_attention(model: PreTrainedModel) -> None:
 
 
 class DistillTrainer(Trainer):
-    """A Trainer whose loss is Σ alphas[name]·term over the KD mode's terms (ILKD, vanilla KD, or plain CE).
+    """A Trainer whose loss is Σ weights[name]·term over the KD mode's terms (ILKD, vanilla KD, or plain CE), as
+    `recipe` says (default: every term weighted 1, ILKD's hidden term relative).
 
     A loss of several terms also logs each one (`loss_<term>`); a single term logs only `loss`, as Trainer does.
     """
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None = None, kd: str = "none",
-                 alphas: dict[str, float] | None = None, temperature: float = 2.0, **kwargs: Any) -> None:
+                 recipe: Recipe | None = None, temperature: float = 2.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         terms = kd_terms(kd)
         if kd != "none" and teacher is None:
             raise KninferError(f"--kd {kd} needs a teacher")
         self.kd, self.temperature = kd, temperature
-        self.alphas = alphas or {name: 1.0 for name in terms}
+        self.recipe = recipe or Recipe({name: 1.0 for name in terms})
+        # attention maps need eager attention and a (layers, heads, seq, seq) tensor per model: only when weighed
+        self.attention_maps = kd == "ilkd" and self.recipe.weights["attention"] != 0
         self.model_accepts_loss_kwargs = False  # terms are means: Trainer divides by the accumulation steps
         self.teacher = None if kd == "none" else teacher.eval().requires_grad_(False).to(self.args.device)
         if kd == "ilkd":
             _check_pairable(self.model, teacher)
+        if self.attention_maps:
             use_eager_attention(self.model)
             use_eager_attention(self.teacher)
         self.interrupt = StopOnInterrupt()
@@ -129,18 +133,18 @@ class DistillTrainer(Trainer):
         self._term_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ilkd = self.kd == "ilkd"
-        outputs = model(**inputs, output_hidden_states=ilkd, output_attentions=ilkd)
+        ilkd, maps = self.kd == "ilkd", self.attention_maps
+        outputs = model(**inputs, output_hidden_states=ilkd, output_attentions=maps)
         teacher_outputs = None
         if self.teacher is not None:
             features = {k: v for k, v in inputs.items() if k != "labels"}
             with torch.no_grad(), self.accelerator.autocast():
-                teacher_outputs = self.teacher(**features, output_hidden_states=ilkd, output_attentions=ilkd)
+                teacher_outputs = self.teacher(**features, output_hidden_states=ilkd, output_attentions=maps)
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(inputs["input_ids"])
-        terms = loss_terms(self.kd, outputs, teacher_outputs, mask, self.temperature)
-        loss = sum(self.alphas[name] * terms[name] for name in TERMS[self.kd])
+        terms = loss_terms(self.kd, outputs, teacher_outputs, mask, self.temperature, self.recipe.hidden)
+        loss = sum(self.recipe.weights[name] * terms[name] for name in TERMS[self.kd] if name in terms)
         if model.training and len(terms) > 1:
             for name, value in terms.items():
                 self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().float()
@@ -171,7 +175,7 @@ def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 
 
 def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: PreTrainedModel | None = None,
-        kd: str = "none", alphas: dict[str, float] | None = None, temperature: float = 2.0,
+        kd: str = "none", recipe: Recipe | None = None, temperature: float = 2.0,
         collator: Any = None, eval_dataset: Any = None, resume: bool | Literal["auto"] = False,
         callbacks: list[TrainerCallback] | None = None, **options: Any) -> DistillTrainer:
     """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
@@ -186,7 +190,7 @@ def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: Pre
                                 "use_cpu": not gpu, "dataloader_pin_memory": gpu}
     args = TrainingArguments(output_dir=str(checkpoints), **(defaults | options))
     trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                             data_collator=collator, callbacks=callbacks, teacher=teacher, kd=kd, alphas=alphas,
+                             data_collator=collator, callbacks=callbacks, teacher=teacher, kd=kd, recipe=recipe,
                              temperature=temperature)
     checkpoint = last_checkpoint(checkpoints) if resume else None
     if resume is True and checkpoint is None:

@@ -14,8 +14,10 @@ from kninfer.cli.output import console
 from kninfer.errors import KninferError
 
 KD_HELP = "ilkd (paper: embedding, attention, hidden states, CE), vanilla (soft targets + CE) or none (CE only)."
-ALPHAS_HELP = ("Comma-separated weights of the KD mode's terms: ilkd embedding,attention,hidden,ce "
-               "(default 0.5,0.5,0.5,0.1 pre-training, 0.5,0.5,0.5,0.02 fine-tuning); vanilla kd,ce (0.5,0.5).")
+ALPHAS_HELP = ("Weights of the KD mode's terms, comma-separated: ilkd embedding,attention,hidden,ce; vanilla kd,ce "
+               "(0.5,0.5). 'paper': the paper's (ilkd 0.5,0.5,0.5,0.1 pre-training, 0.5,0.5,0.5,0.02 fine-tuning, "
+               "hidden states by MSE). Default: the paper's, except ILKD pre-training: kninfer's 0,0,1,1 with the "
+               "hidden term as relative error ‖s−t‖²/‖t‖² (the paper's starves CE in short runs).")
 
 Checkpoints = Annotated[Path | None, typer.Option(help="Checkpoint folder (default: OUT.checkpoints).")]
 Resume = Annotated[bool, typer.Option(help="Continue from the last checkpoint in the checkpoint folder.")]
@@ -29,14 +31,14 @@ Temperature = Annotated[float, typer.Option(help="Soft-target temperature for --
 LearningRate = Annotated[float, typer.Option(help="Peak learning rate (linear decay).", callback=above_zero)]
 
 
-def _alphas(text: str | None) -> list[float] | None:
-    """--alphas as numbers, in the KD mode's term order (the API checks the count)."""
-    if text is None:
-        return None
+def _alphas(text: str | None) -> list[float] | str | None:
+    """--alphas as numbers, in the KD mode's term order (the API checks the count), or "paper"."""
+    if text is None or text == "paper":
+        return text
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise KninferError(f"--alphas '{text}': expected comma-separated numbers") from None
+        raise KninferError(f"--alphas '{text}': expected 'paper' or comma-separated numbers") from None
 
 
 @contextmanager

@@ -1,0 +1,212 @@
+"""Quality after equal training: students of one size distilled with one budget, scored at token points.
+
+    python bench/trained.py --teacher ~/.cache/kninfer/smollm2/dense          # resumable: rerun to continue
+    python bench/trained.py --teacher ... --points 49152 196608 --runs kronecker drop
+    python bench/trained.py --teacher kninfer/data/sotu-gpt2 --name miniature --runs kngpt2-ilkd kngpt2-ilkd-paper \
+        kngpt2-lm kngpt2-vanilla distil-vanilla --init van-loan --window 256 --batch-size 16 --lr 5e-4 \
+        --points 0 614400 --tests $KNINFER_DATA/sotu/test.txt --tokens 40000   # the recipes, in miniature
+
+Each student is built once (`kninfer.modeling.compress` with its preset at --ratio of the teacher's parameters,
+calibrated on --calib tokens of WikiText-2 *valid* unless --init says otherwise) and saved under --work; then each
+run distils it on --data (default the State of the Union train text) with the same batch, block size, learning
+rate, seed and data order, the learning rate constant after its warm-up so that the model at each point of
+--points (tokens seen) is a snapshot of one run, not a run of its own length. At each point the student is scored
+on the first --tokens of each --tests text (windows of --window, stride --window). A stopped run resumes from its
+last checkpoint; finished points are kept.
+
+Runs (RUNS): kronecker — low rank (A (out, 1) ⊗ B (1, in) × r) on the MLP maps of the odd blocks (`odd-mlp`), the
+best student at 85% before training (bench/results/quality-smollm2.md); svd — low rank on every block map; drop —
+the blocks of least influence dropped (ShortGPT); each with the loss a user gets by default: ILKD in kninfer's
+recipe (relative hidden-state error + CE, train/losses.py) where the student's layers pair with the teacher's,
+vanilla KD (soft targets + CE) where they do not. The kngpt2-* and distil-* runs compare recipes on the paper's
+students. Results: bench/results/trained-NAME.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kninfer.atomic import write_text
+from kninfer.modeling import compress, load, save
+from kninfer.modeling.compress import count_parameters
+from kninfer.train import distill
+from kninfer.train.data import calibration_ids
+from kninfer.train.eval_lm import eval_text, perplexity
+from kninfer.train.losses import loss_recipe
+
+HERE = Path(__file__).resolve().parent
+RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default, or "paper")
+    "kronecker": ("odd-mlp", "ilkd", None),
+    "svd": ("svd", "ilkd", None),
+    "drop": ("drop", "vanilla", None),
+    "kngpt2-ilkd": ("kngpt2", "ilkd", None),
+    "kngpt2-ilkd-paper": ("kngpt2", "ilkd", "paper"),
+    "kngpt2-vanilla": ("kngpt2", "vanilla", None),
+    "kngpt2-lm": ("kngpt2", "none", None),
+    "distil-vanilla": ("distil", "vanilla", None),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    data = Path(os.environ.get("KNINFER_DATA", HERE.parent.parent / "shared" / "data"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="Dense teacher: a saved folder, .pt, .gguf or hub name.")
+    parser.add_argument("--name", default="smollm2", help="Results go to bench/results/trained-NAME.*")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "kninfer" / "trained",
+                        help="Where students and checkpoints are kept between runs.")
+    parser.add_argument("--data", type=Path, default=data / "sotu" / "train.txt", help="Training text.")
+    parser.add_argument("--calib", type=Path, default=data / "wikitext-2-raw" / "wiki.valid.raw",
+                        help="Calibration text.")
+    parser.add_argument("--tests", type=Path, nargs="+",
+                        default=[data / "wikitext-2-raw" / "wiki.test.raw", data / "sotu" / "test.txt"],
+                        help="Scored texts.")
+    parser.add_argument("--tokens", type=int, default=16384, help="Scored tokens of each test text.")
+    parser.add_argument("--window", type=int, default=512, help="Perplexity window and training block.")
+    parser.add_argument("--ratio", type=float, default=0.8, help="Student size, of the teacher's parameters.")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=["kronecker", "drop", "svd"])
+    parser.add_argument("--init", default="calibrated", help="Factor init: calibrated (on --calib) or van-loan.")
+    parser.add_argument("--points", type=int, nargs="+", default=[0, 49152, 196608, 983040],
+                        help="Tokens seen at which each student is scored (multiples of batch × window).")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    teacher, tokenizer = load(args.teacher)
+    teacher.eval()
+    step_tokens = args.batch_size * args.window
+    if any(point % step_tokens for point in args.points):
+        raise SystemExit(f"--points must be multiples of batch × window = {step_tokens}")
+    out = HERE / "results" / f"trained-{args.name}.json"
+    protocol = {"teacher": args.teacher, "ratio": args.ratio, "data": args.data.name, "calibration": args.calib.name,
+                "tests": [path.name for path in args.tests], "tokens": args.tokens, "window": args.window,
+                "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
+                "schedule": "constant after warm-up", "seed": 0, "init": args.init}
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    if results.get("protocol") != protocol:
+        results = {"protocol": protocol, "rows": [], "training_s": {}}
+    tests = {path.name: torch.tensor(tokenizer(eval_text(str(path)), verbose=False)["input_ids"][: args.tokens])
+             for path in args.tests}
+    if not any(row["student"] == "teacher" for row in results["rows"]):
+        row = {"student": "teacher", "preset": None, "kd": None, "recipe": None}
+        record(results, out, row | score(teacher, count_parameters(teacher), 0, 0.0, tests, args.window))
+    done = {(row["student"], row["tokens"]) for row in results["rows"]}
+    out.with_suffix(".md").write_text(markdown(results))  # also after a change to the report alone
+    for name in args.runs:
+        preset, kd, alphas = RUNS[name]
+        recipe = loss_recipe(kd, alphas, finetune=False)
+        initial = build(preset, teacher, tokenizer, args)
+        parameters = count_parameters(initial)
+        for point in sorted(args.points):
+            if (name, point) in done:
+                continue
+            student = initial
+            if point:  # resumes the last checkpoint (weights, optimizer, data position) and trains up to the point
+                started = time.perf_counter()
+                distill(student, str(args.data), teacher=teacher, tokenizer=tokenizer, kd=kd, alphas=recipe,
+                        block_size=args.window, batch_size=args.batch_size, lr=args.lr,
+                        max_steps=point // step_tokens, save_steps=12, logging_steps=10,
+                        checkpoints=args.work / f"{name}.checkpoints", resume="auto",
+                        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps)
+                results["training_s"][name] = results["training_s"].get(name, 0.0) + time.perf_counter() - started
+            seconds = results["training_s"].get(name, 0.0) if point else 0.0
+            row = {"student": name, "preset": preset, "kd": kd, "recipe": asdict(recipe)}
+            record(results, out, row | score(student, parameters, point, seconds, tests, args.window))
+
+
+def build(preset: str, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
+    """The student of `preset` at initialisation, compressed once and then read back from --work."""
+    folder = args.work / f"{preset}-{args.init}-init"
+    if not (folder / "config.json").is_file():
+        calibration = calibration_ids(str(args.calib), tokenizer, 8192, args.window)
+        size = {"ratio": args.ratio} if preset in ("odd-mlp", "svd", "drop", "auto", "krony-pt") else {}
+        student, _ = compress(teacher, preset, init=None if preset in ("drop", "distil") else args.init,
+                              calibration=calibration, **size)
+        save(student, folder, tokenizer, overwrite=True)
+    return load(folder)[0]
+
+
+def score(model: Any, parameters: int, tokens: int, seconds: float, tests: dict[str, torch.Tensor],
+          window: int) -> dict[str, Any]:
+    """The figures of one results row: the model's perplexity on each test text after `tokens` of training."""
+    row = {"parameters": parameters, "tokens": tokens, "training_s": round(seconds)}
+    for text, ids in tests.items():
+        row[text] = perplexity(model.eval(), ids, window, window)[0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def record(results: dict[str, Any], out: Path, row: dict[str, Any]) -> None:
+    results["rows"].append(row)
+    write_text(out, json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+    plot(results, out.with_suffix(".png"))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    protocol = results["protocol"]
+    tests = protocol["tests"]
+    teacher = next(row["parameters"] for row in results["rows"] if row["student"] == "teacher")
+    lines = [f"# Quality after equal training: {protocol['teacher']}", "",
+             f"Students (sized by --ratio {protocol['ratio']:g} where the preset takes one) distilled on "
+             f"{protocol['data']} "
+             f"(batch {protocol['batch_size']} × {protocol['window']} tokens, LR {protocol['lr']:g} "
+             f"{protocol['schedule']} of {protocol['warmup_steps']} steps, seed 0); perplexity on the first "
+             f"{protocol['tokens']:,} tokens of each test text, windows of {protocol['window']}; factors initialised "
+             f"{protocol['init']}.", "",
+             "| student | loss | parameters | of teacher | tokens seen | training time | " + " | ".join(tests) + " |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(tests)]
+    for row in sorted(results["rows"], key=lambda r: (r["student"] != "teacher", r["student"], r["tokens"])):
+        minutes = f"{row['training_s'] / 60:.1f} min"
+        lines.append(f"| {row['student']} | {loss_name(row)} | {row['parameters']:,} | "
+                     f"{row['parameters'] / teacher:.1%} | {row['tokens']:,} | "
+                     f"{minutes} | " + " | ".join(f"{row[text]:,.2f}" for text in tests) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def loss_name(row: dict[str, Any]) -> str:
+    """A row's loss in a few words: the KD mode, its weights, ILKD's hidden form."""
+    if row["recipe"] is None:
+        return "-"
+    weights = ",".join(f"{value:g}" for value in row["recipe"]["weights"].values())
+    return f"{row['kd']} {weights}" + (f" ({row['recipe']['hidden']} hidden)" if row["kd"] == "ilkd" else "")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Perplexity on the first test text against tokens seen, one line per student, the teacher as a level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = results["protocol"]["tests"][0]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(row["student"] for row in results["rows"]):
+        rows = sorted((r for r in results["rows"] if r["student"] == name), key=lambda r: r["tokens"])
+        if name == "teacher":
+            axes.axhline(rows[0][text], color="black", linestyle="--", label="teacher")
+        else:
+            axes.plot([r["tokens"] for r in rows], [r[text] for r in rows], "o-", label=name)
+    axes.set_yscale("log")
+    axes.set_xlabel("tokens seen in training")
+    axes.set_ylabel(f"perplexity ({text})")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
