@@ -252,6 +252,47 @@ def peer_models(args: argparse.Namespace) -> list[dict[str, Any]]:
              "tokenizer": args.peer_record["tokenizer"]} for variant in args.peer_variants]
 
 
+def peer_targets(models: list[dict[str, Any]], ort: list[dict[str, Any]], key: str, speedup) -> list[dict[str, Any]]:
+    """The targets against the peer engines (--peers), same rounds: kninfer's fastest Kronecker variant faster than
+    llama.cpp's fastest and than onnxruntime-genai int4 at a perplexity no worse; dense fp32 within 1.2x of
+    llama.cpp F32, dense int4 within 1.2x of onnxruntime-genai int4 (ms/token ratio)."""
+    timed = {m["name"]: m for m in models if m["runtime"] in peers.RUNTIMES and key in m["summary"]["decode_ms"]}
+    if not timed:
+        return []
+    rows = []
+
+    def ms(model: dict[str, Any]) -> float:
+        return model["summary"]["decode_ms"][key]["p50"]["median"]
+
+    def ppl(model: dict[str, Any]) -> float | None:
+        return (model["perplexity"] or {}).get("perplexity")
+
+    def row(goal: str, model: dict[str, Any], measured: float | None, threshold: float | None, at_least: bool):
+        entry = {"target": goal, "model": model["name"], "measured": measured, "threshold": threshold, "pass": None,
+                 "margin": None, "carried_over": False}
+        if measured is not None and threshold is not None:
+            margin = measured / threshold - 1 if at_least else threshold / measured - 1
+            entry |= {"pass": margin >= 0, "margin": margin}
+        rows.append(entry)
+
+    kronecker = [m for m in ort if is_kronecker(m)]
+    llama_cpp = [m for m in timed.values() if m["runtime"] == "llama.cpp"]
+    rivals = ([min(llama_cpp, key=ms)] if llama_cpp else []) + [timed[n] for n in ("onnxruntime-genai/int4",)
+                                                                if n in timed]
+    if kronecker:
+        best = min(kronecker, key=ms)
+        for rival in rivals:
+            row(f"fastest Kronecker variant faster than {rival['name']} (x)", best, speedup(best, rival), 1.0, True)
+            row(f"fastest Kronecker variant's perplexity no worse than {rival['name']}'s", best, ppl(best),
+                ppl(rival), False)
+    for variant, rival in (("fp32", "llama.cpp/f32"), ("int4", "onnxruntime-genai/int4")):
+        dense = next((m for m in ort if m.get("preset") is None and m.get("variant") == variant), None)
+        if dense is not None and rival in timed:
+            row(f"dense {variant} within 1.2x of {rival} (ms/token ratio)", dense, 1 / speedup(dense, timed[rival]),
+                1.2, False)
+    return rows
+
+
 def model_kind(meta: dict[str, Any]) -> dict[str, Any]:
     """What a model is, from its kninfer.json entry or config.json: {family, preset, tie_head}, the fields the zoo
     gives its models and the targets select on. family: model_type less a Kronecker student's "kn" prefix. preset:
@@ -471,6 +512,7 @@ def targets(models: list[dict[str, Any]], reference: str, past: int) -> list[dic
         if dense_int8 is not None:
             check(f"best int8 Kronecker >= 1.3x faster than {dense_int8['name']}{note}", best,
                   speedup(best, dense_int8), 1.3, True, carried)
+    rows += peer_targets(models, ort, key, speedup)
     for model in (m for m in models if m["runtime"] == "onnxruntime" and is_kronecker(m)):
         if model["weight_bytes"] is None:
             continue

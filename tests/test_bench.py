@@ -343,3 +343,36 @@ def test_a_krony_pt_student_is_not_taken_for_kngpt2(tiny_zoo, bench_modules, mon
     kinds = {m["name"]: (m["preset"], m["tie_head"]) for m in results["models"]}
     assert kinds["mlp-only"] == ("krony-pt", False) and kinds[Path(tied).parent.name] == ("kngpt2", True)
     assert "mlp-only" in {t["model"] for t in results["targets"] if t["target"].startswith("peak RSS")}
+
+
+def test_peer_targets_pair_rounds_and_compare_perplexity(bench_modules):
+    """Against the peers: speed ratios paired round by round (independent: the medians of hand-made rounds) and
+    perplexity compared with the rival's; the fastest Kronecker variant is the one chosen."""
+    _, latency = bench_modules
+
+    def model(name, runtime, ms_per_round, perplexity, preset=None, variant="fp32"):
+        rounds = [{"decode_ms": {"32": {"p50": ms}}} for ms in ms_per_round]
+        return {"name": name, "runtime": runtime, "preset": preset, "variant": variant, "tie_head": False,
+                "weight_bytes": None,
+                "family": "llama", "rounds": rounds, "perplexity": {"perplexity": perplexity},
+                "summary": {"decode_ms": {"32": {"p50": {"median": statistics.median(ms_per_round)}}},
+                            "measured_over_floor": {}}}
+
+    models = [model("dense/fp32", "onnxruntime", [60, 70, 80], 18.0),
+              model("dense/int4", "onnxruntime", [25, 26, 30], 25.0, variant="int4"),
+              model("kron/int8", "onnxruntime", [20, 40, 21], 40.0, preset="odd-mlp", variant="int8"),
+              model("kron/fp32", "onnxruntime", [30, 31, 32], 30.0, preset="odd-mlp"),
+              model("llama.cpp/f32", "llama.cpp", [100, 70, 90], 18.1),
+              model("llama.cpp/q8_0", "llama.cpp", [30, 50, 40], 18.3, variant="q8_0"),
+              model("onnxruntime-genai/int4", "onnxruntime-genai", [24, 26, 28], 25.1, variant="int4")]
+    rows = {(t["target"], t["model"]): t for t in latency.targets(models, "dense/fp32", 32)}
+    faster = rows[("fastest Kronecker variant faster than llama.cpp/q8_0 (x)", "kron/int8")]
+    assert faster["measured"] == pytest.approx(statistics.median([30 / 20, 50 / 40, 40 / 21])) and faster["pass"]
+    worse = rows[("fastest Kronecker variant's perplexity no worse than llama.cpp/q8_0's", "kron/int8")]
+    assert (worse["measured"], worse["threshold"], worse["pass"]) == (40.0, 18.3, False)
+    genai = rows[("fastest Kronecker variant faster than onnxruntime-genai/int4 (x)", "kron/int8")]
+    assert genai["measured"] == pytest.approx(statistics.median([24 / 20, 26 / 40, 28 / 21]))
+    fp32 = rows[("dense fp32 within 1.2x of llama.cpp/f32 (ms/token ratio)", "dense/fp32")]
+    assert fp32["measured"] == pytest.approx(1 / statistics.median([100 / 60, 70 / 70, 90 / 80])) and fp32["pass"]
+    int4 = rows[("dense int4 within 1.2x of onnxruntime-genai/int4 (ms/token ratio)", "dense/int4")]
+    assert int4["measured"] == pytest.approx(1 / statistics.median([24 / 25, 26 / 26, 28 / 30])) and int4["pass"]
