@@ -620,8 +620,9 @@ def markdown(results: dict[str, Any]) -> str:
     out = [f"## Latency ({machine['cpu']}, {machine['logical_cores']} cores, {settings['threads']} threads, "
            f"batch {settings['batch']})", "",
            f"`{' '.join(results['command'])}`", "",
-           "Read bandwidth (numpy sum on 1 and on all threads, BLAS GEMV; >1 GB array, best of 5, per round): "
-          f"{bw['median']:.1f} GB/s "
+           "Read bandwidth (the best of numpy sum on 1 and on all threads, BLAS GEMV, the max of the bytes on all "
+           "threads; >1 GB array, best of 5, per round; won by "
+          f"{', '.join(sorted({r.get('probe', 'an older probe') for r in bw['rounds']}))}): {bw['median']:.1f} GB/s "
            f"({bw['min']:.1f}–{bw['max']:.1f}). Decode times are per step at a fixed past length, median over "
            f"{settings['rounds']} interleaved rounds of the per-round p50/p90 over {settings['decode_steps']} steps "
            "(warm-up excluded); ranges are min–max over rounds. The floor is (weights read per step + KV cache "

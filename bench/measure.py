@@ -176,19 +176,23 @@ def perplexity(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
-    """Read bandwidth (GB/s) over a >1 GB float32 array, best of `repeats` each: numpy sum on one thread and on
-    `threads` threads, and a BLAS matrix-vector product (the read pattern of a decode step); `gb_s` is the best."""
+    """Read bandwidth (GB/s) over a >1 GB array, best of `repeats` each: numpy sum (float32) on one thread and on
+    `threads` threads, a BLAS matrix-vector product (the read pattern of a decode step), and the max of its bytes on
+    `threads` threads (one SIMD compare per 32 bytes: bound by memory, not arithmetic); `gb_s` is the best."""
     array = np.ones(spec["bytes"] // 4, np.float32)  # np.ones writes every page, so none is lazily mapped
     chunks, matrix = np.array_split(array, spec["threads"]), array.reshape(-1, 4096)
+    byte_chunks = np.array_split(array.view(np.uint8), spec["threads"])
     ones = np.ones(4096, np.float32)
     result = {"bytes": array.nbytes}
     with ThreadPoolExecutor(spec["threads"]) as pool:  # numpy releases the GIL inside the reduction
-        for name, read in (("sum_1_thread", array.sum), ("sum_threads", lambda: list(pool.map(np.sum, chunks))),
-                           ("gemv", lambda: matrix @ ones)):
+        probes = {"sum_1_thread": array.sum, "sum_threads": lambda: list(pool.map(np.sum, chunks)),
+                  "gemv": lambda: matrix @ ones, "max_bytes_threads": lambda: list(pool.map(np.max, byte_chunks))}
+        for name, read in probes.items():
             read()
             best_ms = min(timed(read) for _ in range(spec["repeats"]))
             result[f"{name}_gb_s"] = array.nbytes / best_ms / 1e6
-    result["gb_s"] = max(result[f"{name}_gb_s"] for name in ("sum_1_thread", "sum_threads", "gemv"))
+    result["gb_s"] = max(result[f"{name}_gb_s"] for name in probes)
+    result["probe"] = max(probes, key=lambda name: result[f"{name}_gb_s"])
     return result
 
 
