@@ -25,7 +25,7 @@ SAMPLE_TEXT = (  # what a quantized graph's top-1 agreement with fp32 is measure
 def export(
     model: PreTrainedModel | str | Path, out: str | Path, *, task: str = "causal-lm", variant: str = "fp32",
     opset: int = 18, tokenizer: PreTrainedTokenizerBase | str | Path | None = None, verify: bool = True,
-    overwrite: bool = False, log: Callable[[str], object] = print,
+    overwrite: bool = False, fused_attention: bool = True, log: Callable[[str], object] = print,
 ) -> ExportReport:
     """Export `model` (an object, a .pt file, a Hugging Face directory or a hub name) to `out` (DIR/NAME.onnx).
 
@@ -34,7 +34,9 @@ def export(
     tokenizer_config.json's; the "default" one of several). `variant`: fp32, dense (every Kronecker weight
     materialised), int8 or int4 (export/quantize.py). With `verify`, onnxruntime's logits must match PyTorch's within
     TOLERANCE times their RMS, at least TOLERANCE (prefill + cached steps). `overwrite` replaces files in the folder
-    that its kninfer.json does not list.
+    that its kninfer.json does not list. `fused_attention`: each layer's attention core as one onnxruntime contrib
+    node (GroupQueryAttention for Llama, MultiHeadAttention for GPT-2; docs/architecture.md, "ONNX graph rules");
+    False traces it to MatMul/Softmax as transformers writes it.
     """
     _check_opset(opset)
     out = Path(out)
@@ -46,7 +48,7 @@ def export(
     sample = _sample_ids(tokenizer_json)
     report = export_bundle(loaded, out, task=task, variant=variant, opset=opset, tokenizer_json=tokenizer_json,
                            verify=verify, sample_ids=sample, overwrite=overwrite,
-                           chat_template=_chat_template(tokenizer))
+                           chat_template=_chat_template(tokenizer), fused_attention=fused_attention)
     log(f"wrote {report.onnx_path}: {report.bytes / 1e6:.1f} MB, {report.nodes:,} nodes, "
         f"{report.kronecker_layers} Kronecker layers")
     if report.verification is None:

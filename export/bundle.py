@@ -66,10 +66,12 @@ def export_bundle(
     model: PreTrainedModel, out: str | os.PathLike, *, task: str = "causal-lm", variant: str = "fp32",
     opset: int = 18, tokenizer_json: str | None = None, verify: bool = True,
     sample_ids: list[int] | None = None, overwrite: bool = False, chat_template: str | None = None,
+    fused_attention: bool = True,
 ) -> ExportReport:
     """Write `out` (.onnx) and its weights, tokenizer and kninfer.json entry beside it, other graphs of the folder
     kept; nothing changes if any step fails. `overwrite` replaces files kninfer.json does not list; `chat_template`
-    (the tokenizer's Jinja template, or None) is stored in the entry for `kninfer chat`."""
+    (the tokenizer's Jinja template, or None) is stored in the entry for `kninfer chat`; `fused_attention` traces
+    each attention core to one onnxruntime contrib node (GroupQueryAttention, MultiHeadAttention)."""
     out = Path(out)
     if task not in TASKS:
         raise KninferError(f"unknown task '{task}': expected one of {', '.join(TASKS)}")
@@ -84,7 +86,7 @@ def export_bundle(
     with _staging(out) as work:
         fp32 = work / "fp32.onnx"
         with torch.no_grad():
-            export_onnx(model, task, fp32, opset, family_of(model.config).name)
+            export_onnx(model, task, fp32, opset, family_of(model.config).name, fused_attention)
         check_graph(str(fp32))
         verification = verify_graph(model, graph_bundle(fp32, entry)) if verify else None
         if verification is not None and not verification.ok:

@@ -45,8 +45,10 @@ def models():
 def exported(models, tmp_path_factory):
     """Each model exported fp32 with the export's own verification on (it raises past the tolerance)."""
     folder = tmp_path_factory.mktemp("llama")
-    return {name: export_bundle(model, folder / name / "m.onnx", task="causal-lm", variant="fp32")
-            for name, model in models.items()}
+    exported = {name: export_bundle(model, folder / name / "m.onnx", task="causal-lm", variant="fp32")
+                for name, model in models.items()}
+    plain = export_bundle(models["llama"], folder / "plain" / "m.onnx", task="causal-lm", fused_attention=False)
+    return {**exported, "llama-plain": plain}
 
 
 @pytest.mark.parametrize("name", ["llama", "kron"])
@@ -99,19 +101,21 @@ def test_blocks_reshape_to_constant_targets(exported, name):
     assert sum(n.op_type == "Where" for n in graph.node) == 1
 
 
-@pytest.mark.parametrize("name", ["llama", "kron"])
+@pytest.mark.parametrize("name", ["llama", "kron", "llama-plain"])
 def test_transposes_only_in_attention(exported, name):
-    """Transposes only split and merge heads and turn keys; none reads a weight."""
+    """Transposes (the unfused graph's) only split and merge heads and turn keys; none reads a weight. The fused
+    graph has none."""
     graph = onnx.load(str(exported[name].onnx_path)).graph
     weights = {t.name for t in graph.initializer}
     transposes = [n for n in graph.node if n.op_type == "Transpose"]
-    assert transposes and all("/self_attn/" in n.name and n.input[0] not in weights for n in transposes)
+    assert bool(transposes) == (name == "llama-plain")
+    assert all("/self_attn/" in n.name and n.input[0] not in weights for n in transposes)
 
 
 def test_grouped_queries_read_each_kv_head_once(exported):
     """GQA without repeating K/V: the scores and values MatMuls read each layer's cache as is, with the query
-    heads grouped per KV head."""
-    path = exported["llama"].onnx_path
+    heads grouped per KV head (the --no-fused-attention graph; fused, GroupQueryAttention reads the cache)."""
+    path = exported["llama-plain"].onnx_path
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     graph, kv_heads = model.graph, TINY["num_key_value_heads"]
     shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in graph.value_info}

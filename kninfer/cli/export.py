@@ -31,6 +31,9 @@ def export(
                                                         "(default: the model's own).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a .onnx or kninfer.json in the folder that kninfer.json "
                                                  "does not list (files kninfer did not write).")] = False,
+    fused_attention: Annotated[bool, typer.Option(help="Each layer's attention core as one onnxruntime contrib op "
+                                                       "(GroupQueryAttention for Llama, MultiHeadAttention for "
+                                                       "GPT-2); --no-fused-attention traces MatMul/Softmax.")] = True,
 ) -> None:
     """Export a model to ONNX with its Kronecker layers kept factored, and write the bundle beside it."""
     chosen = [name for name, flag in (("dense", dense), ("int8", int8), ("int4", int4)) if flag]
@@ -41,7 +44,7 @@ def export(
     variant = chosen[0] if chosen else "fp32"
     with console.status(f"exporting {model} ({task}, {variant})"):
         run(model, out, task=task, variant=variant, opset=opset, tokenizer=tokenizer, verify=verify,
-            overwrite=overwrite, log=console.print)
+            overwrite=overwrite, fused_attention=fused_attention, log=console.print)
 
 
 COMMANDS = [export]
