@@ -1,10 +1,11 @@
-"""Quality after equal training: students of one size distilled with one budget, scored at token points.
+"""Quality after equal training: compressed students distilled with one budget, scored at token points.
 
     python bench/trained.py --teacher ~/.cache/kninfer/smollm2/dense          # resumable: rerun to continue
     python bench/trained.py --teacher ... --points 49152 196608 --runs kronecker drop
-    python bench/trained.py --teacher kninfer/data/sotu-gpt2 --name miniature --runs kngpt2-ilkd kngpt2-ilkd-paper \
-        kngpt2-lm kngpt2-vanilla distil-vanilla --init van-loan --window 256 --batch-size 16 --lr 5e-4 \
-        --points 0 614400 --tests $KNINFER_DATA/sotu/test.txt --tokens 40000   # the recipes, in miniature
+    python bench/trained.py --teacher kninfer/data/sotu-gpt2 --name miniature --runs kngpt2-ilkd distil-vanilla \
+        kngpt2-ilkd-paper kngpt2-lm --init van-loan --window 256 --batch-size 16 --lr 5e-4 --points 0 614400 \
+        --tests $KNINFER_DATA/sotu/test.txt --tokens 40000          # the recipes on the paper's students, in miniature
+    python bench/trained.py ... (as above) --runs svd --ratio 0.7032 --init calibrated  # low rank at Distil's size
 
 Each student is built once (`kninfer.modeling.compress` with its preset at --ratio of the teacher's parameters,
 calibrated on --calib tokens of WikiText-2 *valid* unless --init says otherwise) and saved under --work; then each
@@ -43,6 +44,7 @@ from kninfer.train.eval_lm import eval_text, perplexity
 from kninfer.train.losses import loss_recipe
 
 HERE = Path(__file__).resolve().parent
+SIZED = ("odd-mlp", "svd", "drop", "auto", "krony-pt")  # presets whose student size --ratio sets
 RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default, or "paper")
     "kronecker": ("odd-mlp", "ilkd", None),
     "svd": ("svd", "ilkd", None),
@@ -90,27 +92,30 @@ def main() -> None:
     if any(point % step_tokens for point in args.points):
         raise SystemExit(f"--points must be multiples of batch × window = {step_tokens}")
     out = HERE / "results" / f"trained-{args.name}.json"
-    protocol = {"teacher": args.teacher, "ratio": args.ratio, "data": args.data.name, "calibration": args.calib.name,
+    protocol = {"teacher": args.teacher, "data": args.data.name, "calibration": args.calib.name,
                 "tests": [path.name for path in args.tests], "tokens": args.tokens, "window": args.window,
                 "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
-                "schedule": "constant after warm-up", "seed": 0, "init": args.init}
+                "schedule": "constant after warm-up", "seed": 0}
     results = json.loads(out.read_text()) if out.is_file() else {}
     if results.get("protocol") != protocol:
         results = {"protocol": protocol, "rows": [], "training_s": {}}
     tests = {path.name: torch.tensor(tokenizer(eval_text(str(path)), verbose=False)["input_ids"][: args.tokens])
              for path in args.tests}
     if not any(row["student"] == "teacher" for row in results["rows"]):
-        row = {"student": "teacher", "preset": None, "kd": None, "recipe": None}
+        row = {"student": "teacher", "preset": None, "init": None, "kd": None, "recipe": None}
         record(results, out, row | score(teacher, count_parameters(teacher), 0, 0.0, tests, args.window))
-    done = {(row["student"], row["tokens"]) for row in results["rows"]}
+    done = {(row["student"], row["init"], row["tokens"]) for row in results["rows"]}
     out.with_suffix(".md").write_text(markdown(results))  # also after a change to the report alone
-    for name in args.runs:
-        preset, kd, alphas = RUNS[name]
+    for run in args.runs:
+        preset, kd, alphas = RUNS[run]
+        name = f"{run}-{args.ratio:g}" if preset in SIZED else run  # e.g. kronecker-0.8: one name per student
+        init = None if preset in ("drop", "distil") else args.init
+        key = f"{name}-{init or 'dense'}"  # its checkpoints and its training time
         recipe = loss_recipe(kd, alphas, finetune=False)
         initial = build(preset, teacher, tokenizer, args)
         parameters = count_parameters(initial)
         for point in sorted(args.points):
-            if (name, point) in done:
+            if (name, init, point) in done:
                 continue
             student = initial
             if point:  # resumes the last checkpoint (weights, optimizer, data position) and trains up to the point
@@ -118,20 +123,21 @@ def main() -> None:
                 distill(student, str(args.data), teacher=teacher, tokenizer=tokenizer, kd=kd, alphas=recipe,
                         block_size=args.window, batch_size=args.batch_size, lr=args.lr,
                         max_steps=point // step_tokens, save_steps=12, logging_steps=10,
-                        checkpoints=args.work / f"{name}.checkpoints", resume="auto",
+                        checkpoints=args.work / f"{key}.checkpoints", resume="auto",
                         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps)
-                results["training_s"][name] = results["training_s"].get(name, 0.0) + time.perf_counter() - started
-            seconds = results["training_s"].get(name, 0.0) if point else 0.0
-            row = {"student": name, "preset": preset, "kd": kd, "recipe": asdict(recipe)}
+                results["training_s"][key] = results["training_s"].get(key, 0.0) + time.perf_counter() - started
+            seconds = results["training_s"].get(key, 0.0) if point else 0.0
+            row = {"student": name, "preset": preset, "init": init, "kd": kd, "recipe": asdict(recipe)}
             record(results, out, row | score(student, parameters, point, seconds, tests, args.window))
 
 
 def build(preset: str, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     """The student of `preset` at initialisation, compressed once and then read back from --work."""
-    folder = args.work / f"{preset}-{args.init}-init"
+    sized = preset in SIZED
+    folder = args.work / (f"{preset}-{args.ratio:g}-{args.init}-init" if sized else f"{preset}-{args.init}-init")
     if not (folder / "config.json").is_file():
         calibration = calibration_ids(str(args.calib), tokenizer, 8192, args.window)
-        size = {"ratio": args.ratio} if preset in ("odd-mlp", "svd", "drop", "auto", "krony-pt") else {}
+        size = {"ratio": args.ratio} if sized else {}
         student, _ = compress(teacher, preset, init=None if preset in ("drop", "distil") else args.init,
                               calibration=calibration, **size)
         save(student, folder, tokenizer, overwrite=True)
@@ -160,17 +166,15 @@ def markdown(results: dict[str, Any]) -> str:
     tests = protocol["tests"]
     teacher = next(row["parameters"] for row in results["rows"] if row["student"] == "teacher")
     lines = [f"# Quality after equal training: {protocol['teacher']}", "",
-             f"Students (sized by --ratio {protocol['ratio']:g} where the preset takes one) distilled on "
-             f"{protocol['data']} "
+             f"Students (a sized preset's --ratio after its name) distilled on {protocol['data']} "
              f"(batch {protocol['batch_size']} × {protocol['window']} tokens, LR {protocol['lr']:g} "
              f"{protocol['schedule']} of {protocol['warmup_steps']} steps, seed 0); perplexity on the first "
-             f"{protocol['tokens']:,} tokens of each test text, windows of {protocol['window']}; factors initialised "
-             f"{protocol['init']}.", "",
-             "| student | loss | parameters | of teacher | tokens seen | training time | " + " | ".join(tests) + " |",
-             "|---|---|---:|---:|---:|---:|" + "---:|" * len(tests)]
+             f"{protocol['tokens']:,} tokens of each test text, windows of {protocol['window']}.", "",
+             "| student | init | loss | parameters | of teacher | tokens seen | training time | " + " | ".join(tests)
+             + " |", "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(tests)]
     for row in sorted(results["rows"], key=lambda r: (r["student"] != "teacher", r["student"], r["tokens"])):
         minutes = f"{row['training_s'] / 60:.1f} min"
-        lines.append(f"| {row['student']} | {loss_name(row)} | {row['parameters']:,} | "
+        lines.append(f"| {row['student']} | {row['init'] or '-'} | {loss_name(row)} | {row['parameters']:,} | "
                      f"{row['parameters'] / teacher:.1%} | {row['tokens']:,} | "
                      f"{minutes} | " + " | ".join(f"{row[text]:,.2f}" for text in tests) + " |")
     return "\n".join(lines) + "\n"
