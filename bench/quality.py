@@ -135,23 +135,34 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Perplexity against parameters, one line per method."""
+    lines = {}
+    for method in dict.fromkeys(row["method"] for row in results["rows"]):
+        rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["parameters"])
+        lines[method] = ([r["parameters"] / 1e6 for r in rows], [r["perplexity"] for r in rows])
+    log_plot(lines, "parameters (M)", f"perplexity ({results['protocol']['text']})", path)
+
+
+def log_plot(lines: dict[str, tuple[list[float], list[float]]], x_label: str, y_label: str, path: Path,
+             level: tuple[str, float] | None = None) -> None:
+    """Lines (label -> xs, ys) on a log y axis, with an optional labelled horizontal level, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(row["method"] for row in results["rows"]):
-        rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["parameters"])
-        axes.plot([r["parameters"] / 1e6 for r in rows], [r["perplexity"] for r in rows], "o-", label=method)
+    if level is not None:
+        axes.axhline(level[1], color="black", linestyle="--", label=level[0])
+    for label, (xs, ys) in lines.items():
+        axes.plot(xs, ys, "o-", label=label)
     axes.set_yscale("log")
-    axes.set_xlabel("parameters (M)")
-    axes.set_ylabel(f"perplexity ({results['protocol']['text']})")
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
 
 if __name__ == "__main__":
     main()

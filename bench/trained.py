@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from quality import log_plot  # bench/ is on the path when this runs as a script
 
 from kninfer.atomic import write_text
 from kninfer.modeling import compress, load, save
@@ -190,27 +191,14 @@ def loss_name(row: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Perplexity on the first test text against tokens seen, one line per student, the teacher as a level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    text = results["protocol"]["tests"][0]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    text, lines, level = results["protocol"]["tests"][0], {}, None
     for name in dict.fromkeys(row["student"] for row in results["rows"]):
         rows = sorted((r for r in results["rows"] if r["student"] == name), key=lambda r: r["tokens"])
         if name == "teacher":
-            axes.axhline(rows[0][text], color="black", linestyle="--", label="teacher")
+            level = ("teacher", rows[0][text])
         else:
-            axes.plot([r["tokens"] for r in rows], [r[text] for r in rows], "o-", label=name)
-    axes.set_yscale("log")
-    axes.set_xlabel("tokens seen in training")
-    axes.set_ylabel(f"perplexity ({text})")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
+            lines[name] = ([r["tokens"] for r in rows], [r[text] for r in rows])
+    log_plot(lines, "tokens seen in training", f"perplexity ({text})", path, level)
 
 if __name__ == "__main__":
     main()

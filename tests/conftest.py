@@ -150,3 +150,20 @@ def text_file(tmp_path_factory, data_dir: Path) -> Path:
     with open(data_dir / "sotu" / "train.txt", encoding="utf-8") as handle:
         path.write_text(handle.read(6000), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def runtime_greedy():
+    """A function: greedy tokens (batch, new_tokens) from a runtime CausalLM's prefill and one-token steps."""
+    import numpy as np
+
+    def greedy(lm, ids, mask, new_tokens: int):
+        logits, cache = lm.prefill(ids, mask)
+        tokens = []
+        for _ in range(new_tokens):
+            tokens.append(logits[:, -1].argmax(-1)[:, None])
+            mask = np.concatenate([mask, np.ones_like(tokens[-1])], axis=1)
+            logits, cache = lm.step(tokens[-1], mask, cache)
+        return np.concatenate(tokens, axis=1)
+
+    return greedy

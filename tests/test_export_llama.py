@@ -62,20 +62,14 @@ def test_export_verifies(exported, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "kron"])
-def test_greedy_decoding_matches_generate(models, exported, name):
+def test_greedy_decoding_matches_generate(models, exported, name, runtime_greedy):
     """CausalLM prefill + steps on a left-padded batch give transformers' greedy tokens, token for token."""
     model, new_tokens = models[name], 10
     ids, mask = left_padded_batch(TINY["vocab_size"], [7, 4], seed=3)
     want = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                           max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
     lm = CausalLM(_graph(exported[name].onnx_path), threads=1)
-    logits, cache = lm.prefill(ids, mask)
-    got = []
-    for _ in range(new_tokens):
-        got.append(logits[:, -1].argmax(-1)[:, None])
-        mask = np.concatenate([mask, np.ones_like(got[-1])], axis=1)
-        logits, cache = lm.step(got[-1], mask, cache)
-    np.testing.assert_array_equal(np.concatenate(got, axis=1), want[:, ids.shape[1]:].numpy())
+    np.testing.assert_array_equal(runtime_greedy(lm, ids, mask, new_tokens), want[:, ids.shape[1]:].numpy())
 
 
 def test_kronecker_layers_stay_factored(models, exported):

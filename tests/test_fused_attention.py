@@ -67,20 +67,14 @@ def test_fused_matches_torch_with_padding(models, exported, name, lengths):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_greedy_decoding_matches_generate(models, exported, name):
+def test_greedy_decoding_matches_generate(models, exported, name, runtime_greedy):
     """The runtime's prefill + steps on the fused graph give transformers' greedy tokens on a left-padded batch."""
     model, new_tokens = models[name], 8
     ids, mask = left_padded_batch(model.config.vocab_size, [7, 3], seed=3)
     want = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                           max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
     lm = CausalLM(_graph(exported[name, True].onnx_path), threads=1)
-    logits, cache = lm.prefill(ids, mask)
-    got = []
-    for _ in range(new_tokens):
-        got.append(logits[:, -1].argmax(-1)[:, None])
-        mask = np.concatenate([mask, np.ones_like(got[-1])], axis=1)
-        logits, cache = lm.step(got[-1], mask, cache)
-    np.testing.assert_array_equal(np.concatenate(got, axis=1), want[:, ids.shape[1]:].numpy())
+    np.testing.assert_array_equal(runtime_greedy(lm, ids, mask, new_tokens), want[:, ids.shape[1]:].numpy())
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
