@@ -62,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     data = Path(os.environ.get("KNINFER_DATA", HERE.parent.parent / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", required=True, help="Dense teacher: a saved folder, .pt, .gguf or hub name.")
-    parser.add_argument("--name", default="smollm2", help="Results go to bench/results/trained-NAME.*")
+    parser.add_argument("--name", default="smollm2", help="Results go to OUT_DIR/trained-NAME.*")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results", help="Where results are written and resumed.")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "kninfer" / "trained",
                         help="Where students and checkpoints are kept between runs.")
     parser.add_argument("--data", type=Path, default=data / "sotu" / "train.txt", help="Training text.")
@@ -92,7 +93,7 @@ def main() -> None:
     step_tokens = args.batch_size * args.window
     if any(point % step_tokens for point in args.points):
         raise SystemExit(f"--points must be multiples of batch × window = {step_tokens}")
-    out = HERE / "results" / f"trained-{args.name}.json"
+    out = args.out_dir / f"trained-{args.name}.json"
     protocol = {"teacher": args.teacher, "data": args.data.name, "calibration": args.calib.name,
                 "tests": [path.name for path in args.tests], "tokens": args.tokens, "window": args.window,
                 "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
@@ -157,6 +158,7 @@ def score(model: Any, parameters: int, tokens: int, seconds: float, tests: dict[
 
 def record(results: dict[str, Any], out: Path, row: dict[str, Any]) -> None:
     results["rows"].append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))
     plot(results, out.with_suffix(".png"))
