@@ -13,7 +13,7 @@ ILKD = α1·embedding + α2·attention + α3·hidden + α4·ce, each term comput
 The paper's recipe (`paper`: those weights, hidden as MSE) starves a short run: the residual stream's scale grows
 with depth and a few positions carry huge states, so the raw MSE of the last layers outweighs everything, CE
 included. kninfer's pre-training recipe (the default) measures hidden states by their relative error instead,
-mean over layers of ‖s − t‖² / ‖t‖² at each position, and weighs CE as much (bench/results/recipes-miniature.md).
+mean over layers of ‖s − t‖² / ‖t‖² at each position, and weighs CE as much (bench/results/trained-miniature.md).
 """
 
 from __future__ import annotations
