@@ -70,7 +70,8 @@ def test_every_row_with_finite_numbers(runs):
     report, _, _ = runs
     t = report["tables"]
     assert report["quick"] and report["schema"] == "kninfer-paper-miniature"
-    assert [r["model"] for r in t["lm"]] == ["teacher", "distil-lm", "distil-kd", "kngpt2-lm", "kngpt2-ilkd"]
+    assert [r["model"] for r in t["lm"]] == ["teacher", "distil-lm", "distil-kd", "kngpt2-lm", "kngpt2-ilkd",
+                                            "kngpt2-ilkd-kninfer"]
     assert [r["model"] for r in t["ablation"]] == ["kngpt2-init", "kngpt2-lm", "kngpt2-kd-only", "kngpt2-ilkd"]
     assert [(r["model"], r["finetune_kd"]) for r in t["glue"]] == [
         ("teacher", "none"), ("distil-kd", "none"), ("distil-kd", "vanilla"), ("kngpt2-ilkd", "none"),
