@@ -138,7 +138,8 @@ def build(preset: str, teacher: Any, tokenizer: Any, args: argparse.Namespace) -
     sized = preset in SIZED
     folder = args.work / (f"{preset}-{args.ratio:g}-{args.init}-init" if sized else f"{preset}-{args.init}-init")
     if not (folder / "config.json").is_file():
-        calibration = calibration_ids(str(args.calib), tokenizer, 8192, args.window)
+        calibrated = args.init == "calibrated" or preset == "drop"  # drop ranks blocks on the calibration text
+        calibration = calibration_ids(str(args.calib), tokenizer, 8192, args.window) if calibrated else None
         size = {"ratio": args.ratio} if sized else {}
         student, _ = compress(teacher, preset, init=None if preset in ("drop", "distil") else args.init,
                               calibration=calibration, **size)

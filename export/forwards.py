@@ -87,21 +87,27 @@ class _SequenceLengths(torch.autograd.Function):
         return seqlens, total
 
 
-def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    past: tuple[torch.Tensor, torch.Tensor] | None, mask: FusedMask, num_heads: int, kv_heads: int,
-                    scale: float, op: str = "GroupQueryAttention") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache, layer_idx: int,
+                    mask: FusedMask, num_heads: int, kv_heads: int, scale: float,
+                    op: str = "GroupQueryAttention") -> torch.Tensor:
     """softmax(q·kᵀ·scale + mask.bias)·v as one onnxruntime contrib node, on the projections as they come out of
-    their MatMuls: query (batch, seq, heads·head_dim), key and value (batch, seq, kv_heads·head_dim), the cache
-    (batch, kv_heads, past, head_dim). Returns the output (batch, seq, heads·head_dim) and the cache grown by key
-    and value (batch, kv_heads, past+seq, head_dim). `op`: GroupQueryAttention (any kv_heads dividing heads; a
-    step of several tokens after a cache then needs batch 1) or MultiHeadAttention (kv_heads == heads)."""
+    their MatMuls: query (batch, seq, heads·head_dim), key and value (batch, seq, kv_heads·head_dim). Layer
+    `layer_idx` of `cache` (a DynamicCache, or None), (batch, kv_heads, past, head_dim), is read and replaced by the
+    node's present key and value (past+seq). Returns the output (batch, seq, heads·head_dim). `op`:
+    GroupQueryAttention (any kv_heads dividing heads; a step of several tokens after a cache then needs batch 1) or
+    MultiHeadAttention (kv_heads == heads)."""
     if not isinstance(mask, FusedMask):
         raise KninferError("fused attention needs the FusedMask of `fused_causal_mask` (a patched mask function)")
     if op not in _FUSED_OPS or (op == "MultiHeadAttention" and kv_heads != num_heads):
         raise KninferError(f"no fused attention op {op!r} for {num_heads} query heads and {kv_heads} KV heads")
-    past_key, past_value = past if past is not None else (None, None)
-    return _FUSED_OPS[op].apply(query, key, value, past_key, past_value, mask.seqlens_k, mask.total_length,
-                                mask.bias, num_heads, kv_heads, scale)
+    layer = cache_layer(cache, layer_idx)
+    past_key, past_value = (None, None) if layer is None else (layer.keys, layer.values)
+    output, present_key, present_value = _FUSED_OPS[op].apply(query, key, value, past_key, past_value,
+                                                              mask.seqlens_k, mask.total_length, mask.bias,
+                                                              num_heads, kv_heads, scale)
+    if layer is not None:
+        layer.keys, layer.values = present_key, present_value
+    return output
 
 
 def _reference_attention(query, key, value, past_key, past_value, bias, num_heads, kv_heads, scale):

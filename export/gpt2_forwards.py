@@ -20,7 +20,6 @@ from transformers.pytorch_utils import Conv1D
 
 from kninfer.export.forwards import (
     attend,
-    cache_layer,
     causal_mask,
     fused_attention,
     fused_causal_mask,
@@ -49,12 +48,8 @@ def fused_attention_forward(self: GPT2Attention, hidden_states: torch.Tensor, pa
                             cache_position=None, attention_mask=None, **kwargs) -> tuple[torch.Tensor, None]:
     """GPT-2 self-attention with its core as one `OP` node on `fused_causal_mask`'s mask; the layer's cache is
     replaced by the op's present key and value."""
-    layer = cache_layer(past_key_values, self.layer_idx)
-    past = None if layer is None else (layer.keys, layer.values)
-    output, key, value = fused_attention(*_qkv(self, hidden_states), past, attention_mask, self.num_heads,
-                                         self.num_heads, _scale(self), op=OP)
-    if layer is not None:
-        layer.keys, layer.values = key, value
+    output = fused_attention(*_qkv(self, hidden_states), past_key_values, self.layer_idx, attention_mask,
+                             self.num_heads, self.num_heads, _scale(self), op=OP)
     return self.resid_dropout(self.c_proj(output)), None
 
 

@@ -23,7 +23,6 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 from kninfer.errors import KninferError
 from kninfer.export.forwards import (
     attend,
-    cache_layer,
     causal_mask,
     fused_attention,
     fused_causal_mask,
@@ -85,13 +84,8 @@ def fused_attention_forward(self: LlamaAttention, hidden_states: torch.Tensor,
     mask and `fused_rotary_forward`'s tables; the layer's cache is replaced by the op's present key and value."""
     cos, sin, position_ids = position_embeddings
     query, key = (rotary_embedding(proj(hidden_states), position_ids, cos, sin) for proj in (self.q_proj, self.k_proj))
-    layer = cache_layer(past_key_values, self.layer_idx)
-    past = None if layer is None else (layer.keys, layer.values)
-    output, key, value = fused_attention(query, key, self.v_proj(hidden_states), past, attention_mask,
-                                         self.config.num_attention_heads, self.config.num_key_value_heads,
-                                         self.scaling)
-    if layer is not None:
-        layer.keys, layer.values = key, value
+    output = fused_attention(query, key, self.v_proj(hidden_states), past_key_values, self.layer_idx, attention_mask,
+                             self.config.num_attention_heads, self.config.num_key_value_heads, self.scaling)
     return self.o_proj(output), None
 
 
