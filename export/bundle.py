@@ -46,7 +46,7 @@ from kninfer.runtime.bundle import (
     read_models,
 )
 
-QUANTIZED = ("int8", "int4")  # variants made from the traced fp32 graph by export/quantize.py
+QUANTIZED = ("int8", "int4", "int8-dynamic")  # variants made from the traced fp32 graph by export/quantize.py
 VARIANTS = ("fp32", "dense", *QUANTIZED)
 
 
@@ -103,7 +103,7 @@ def export_bundle(
 
 def quantize_bundle(source: str | os.PathLike, out: str | os.PathLike, sample_ids: list[int] | None = None, *,
                     variant: str = "int8", overwrite: bool = False) -> ExportReport:
-    """The `variant` (int8 or int4) graph `out` (.onnx) of the exported fp32 graph `source` (or its folder), without
+    """The `variant` (QUANTIZED) graph `out` (.onnx) of the exported fp32 graph `source` (or its folder), without
     tracing again."""
     out = Path(out)
     if variant not in QUANTIZED:

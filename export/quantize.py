@@ -1,10 +1,15 @@
-"""`--int8` and `--int4`: onnxruntime weight quantization of the MatMul weights, the tied head included, with the
-embedding Gathers reading the quantized tables."""
+"""`--int8`, `--int4` and `--int8-dynamic`: onnxruntime weight quantization of the MatMul weights, the tied head
+included, with the embedding Gathers reading the quantized tables.
+
+int8 and int4 are block-wise weight-only (MatMulNBits, as llama.cpp's Q8_0/Q4_0 and onnxruntime-genai's builds);
+int8-dynamic quantizes the activations per tensor at run time (MatMulInteger): faster on some graphs, but it loses
+much more where activations have outliers (SmolLM2-135M, WikiText-2: docs/architecture.md, "Quantization")."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # needs the onnx-ir package
 
-BLOCK = 32  # int4: one fp32 scale per 32 consecutive rows (K) of a weight column
-ACCURACY_LEVEL = 4  # MatMulNBits multiplies int8-quantized activations by the int4 weights
+BLOCK = 32  # int8/int4: one fp32 scale per 32 consecutive rows (K) of a weight column
+ACCURACY_LEVEL = 4  # MatMulNBits multiplies int8-quantized activations (per block) by the 8- or 4-bit weights
 
 
 def quantize(source: Path, target: Path, variant: str) -> None:
-    """Write the fp32 graph `source` with its MatMul weights quantized to `variant` (int8 or int4) to `target`; a
+    """Write the fp32 graph `source` with its MatMul weights quantized to `variant` (QUANTIZERS) to `target`; a
     tied dense head is untied first so that it is quantized too."""
     logging.getLogger().setLevel(logging.ERROR)  # both quantizers log pre-processing hints and progress on root
     model = onnx.load(str(source))
@@ -26,7 +31,7 @@ def quantize(source: Path, target: Path, variant: str) -> None:
     QUANTIZERS[variant](model, target)
 
 
-def quantize_int8(model: onnx.ModelProto, target: Path) -> None:
+def quantize_dynamic_int8(model: onnx.ModelProto, target: Path) -> None:
     """Dynamic int8, per channel, of every MatMul weight; then the embedding Gathers read the int8 tables (fp32
     copies dropped)."""
     quantize_dynamic(model, target, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
@@ -35,23 +40,26 @@ def quantize_int8(model: onnx.ModelProto, target: Path) -> None:
     onnx.save_model(model, str(target))
 
 
-def quantize_int4(model: onnx.ModelProto, target: Path) -> None:
-    """Block-wise symmetric 4-bit weights (MatMulNBits, blocks of BLOCK rows, int8 compute) for the MatMuls whose
-    weight fits whole blocks; smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied table's
-    Gather can read the head's packed bytes as they are (share_packed_tables)."""
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                     nodes_to_exclude=unblocked_matmuls(model.graph), op_types_to_quantize=("MatMul",))
+def quantize_blocks(model: onnx.ModelProto, target: Path, bits: int) -> None:
+    """Block-wise symmetric `bits`-bit weights (MatMulNBits, blocks of BLOCK rows, int8 compute) for the MatMuls
+    whose weight fits whole blocks; smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied
+    table's Gather can read the head's packed bytes as they are (share_packed_tables)."""
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=unblocked_matmuls(model.graph),
+                                     op_types_to_quantize=("MatMul",))
     quantizer.process()
     model = quantizer.model.model
-    share_packed_tables(model.graph)
+    share_packed_tables(model.graph, bits)
     onnx.save_model(model, str(target))
 
 
-QUANTIZERS: dict[str, Callable[[onnx.ModelProto, Path], None]] = {"int8": quantize_int8, "int4": quantize_int4}
+QUANTIZERS: dict[str, Callable[[onnx.ModelProto, Path], None]] = {
+    "int8": partial(quantize_blocks, bits=8), "int4": partial(quantize_blocks, bits=4),
+    "int8-dynamic": quantize_dynamic_int8}
 
 
 def unblocked_matmuls(graph: onnx.GraphProto) -> list[str]:
-    """MatMuls that int4 leaves fp32: those without a 2-D constant right-hand weight of whole BLOCKs of rows (the
+    """MatMuls that the block variants leave fp32: those without a 2-D constant right-hand weight of whole BLOCKs of rows (the
     quantizer would pad a short one, and give an N-D one a Shape-based output reshape)."""
     shapes = {t.name: list(t.dims) for t in graph.initializer if t.data_type == TensorProto.FLOAT}
     return [node.name for node in graph.node if node.op_type == "MatMul"
@@ -90,7 +98,7 @@ def untie_heads(model: onnx.ModelProto) -> None:
 
 
 def rewire_gathers(graph: onnx.GraphProto) -> None:
-    """int8: Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the scales
+    """int8-dynamic: Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the scales
     are per slice along that axis (the tied Kronecker head's Aᵀ, gathered on axis 1); unused fp32 tables go."""
     initializers = {t.name: t for t in graph.initializer}
     nodes = []
@@ -116,10 +124,10 @@ def rewire_gathers(graph: onnx.GraphProto) -> None:
     _replace_nodes(graph, nodes)
 
 
-def share_packed_tables(graph: onnx.GraphProto) -> None:
-    """int4: Gather(W, ids, axis=1) -> Transpose(perm 1..r, 0), with W (K, N) a MatMulNBits weight (the untied dense
-    head's Eᵀ, the tied Kronecker head's A_t) -> GatherBlockQuantized of rows `ids` of the packed (N, K/BLOCK, BLOCK/2)
-    table that the head's MatMulNBits reads, then a constant Reshape to (*ids, K): one int4 copy of the table,
+def share_packed_tables(graph: onnx.GraphProto, bits: int) -> None:
+    """Gather(W, ids, axis=1) -> Transpose(perm 1..r, 0), with W (K, N) a `bits`-bit MatMulNBits weight (the untied
+    dense head's Eᵀ, the tied Kronecker head's A_t) -> GatherBlockQuantized of rows `ids` of the packed
+    (N, K/BLOCK, BLOCK·bits/8) table that the head's MatMulNBits reads, then a constant Reshape to (*ids, K): one copy,
     no Transpose, and W's fp32 copy goes. Its block scales get a (N, K/BLOCK, 1) copy (MatMulNBits wants them 2-D)."""
     packed = {node.input[1]: node for node in graph.node if node.op_type == "MatMulNBits"}  # by name: W_Q4 for W
     initializers = {t.name: t for t in graph.initializer}
@@ -129,7 +137,7 @@ def share_packed_tables(graph: onnx.GraphProto) -> None:
             consumers.setdefault(name, []).append(node)
     rewired: dict[str, list[onnx.NodeProto]] = {}  # a Gather's output -> what replaces it and its Transpose
     for node in graph.node:
-        head = packed.get(f"{node.input[0]}_Q4") if node.op_type == "Gather" else None
+        head = packed.get(f"{node.input[0]}_Q{bits}") if node.op_type == "Gather" else None
         after = consumers.get(node.output[0], [])
         transpose = after[0] if len(after) == 1 and after[0].op_type == "Transpose" else None
         perm = [] if transpose is None else next(list(a.ints) for a in transpose.attribute if a.name == "perm")
@@ -146,7 +154,7 @@ def share_packed_tables(graph: onnx.GraphProto) -> None:
         rewired[node.output[0]] = [
             helper.make_node("GatherBlockQuantized", [head.input[1], node.input[1], blocks],
                              [f"{node.output[0]}_blocks"], domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                             block_size=BLOCK, bits=4),
+                             block_size=BLOCK, bits=bits),
             helper.make_node("Reshape", [f"{node.output[0]}_blocks", shape], list(transpose.output))]
     nodes = [new for node in graph.node if not (node.op_type == "Transpose" and node.input[0] in rewired)
              for new in rewired.get(node.output[0], [node])]

@@ -118,14 +118,14 @@ def test_blocks_reshape_to_constant_targets(exported):
 
 
 def test_dense_tied_head_reads_the_embedding(models, exported, tmp_path):
-    """fp32: one table, read by the Gather and by the head's Gemm(transB=1); int8: one int8 table Eᵀ, read by the
-    head's MatMulInteger and (axis 1) by the Gather, no fp32 copy of E left."""
+    """fp32: one table, read by the Gather and by the head's Gemm(transB=1); int8-dynamic: one int8 table Eᵀ, read by
+    the head's MatMulInteger and (axis 1) by the Gather, no fp32 copy of E left."""
     model = models["gpt2"]
     vocab, d = model.config.vocab_size, model.config.n_embd
     (name,) = holding(initializers(exported["gpt2"]), model.transformer.wte.weight)
     users = [n for n in onnx.load(str(exported["gpt2"])).graph.node if name in n.input]
     assert sorted(n.op_type for n in users) == ["Gather", "Gemm"]
-    report = export_bundle(model, tmp_path / "int8.onnx", variant="int8", verify=False)
+    report = export_bundle(model, tmp_path / "int8.onnx", variant="int8-dynamic", verify=False)
     assert report.agreement > 0.5
     graph = onnx.load(str(report.onnx_path)).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
@@ -182,9 +182,9 @@ def test_classification_graph(tiny_teacher, tmp_path, pad):
 
 @pytest.fixture(scope="module")
 def int8(models, tmp_path_factory):
-    """kngpt2 --tie-head exported as int8 directly."""
-    return export_bundle(models["kngpt2-tied"], tmp_path_factory.mktemp("int8") / "int8.onnx", variant="int8",
-                         verify=False)
+    """kngpt2 --tie-head exported as int8-dynamic directly (every factor quantized, the tiny ones too)."""
+    return export_bundle(models["kngpt2-tied"], tmp_path_factory.mktemp("int8") / "int8.onnx",
+                         variant="int8-dynamic", verify=False)
 
 
 def test_int8_reads_the_int8_table(models, int8):
@@ -197,13 +197,13 @@ def test_int8_reads_the_int8_table(models, int8):
 
 
 def test_quantize_bundle_matches_export_int8(models, exported, int8, tmp_path):
-    """Quantizing an exported fp32 bundle gives what `export --int8` gives, without tracing again."""
-    report = quantize_bundle(exported["kngpt2-tied"], tmp_path / "later" / "q.onnx")
+    """Quantizing an exported fp32 bundle gives what `export --int8-dynamic` gives, without tracing again."""
+    report = quantize_bundle(exported["kngpt2-tied"], tmp_path / "later" / "q.onnx", variant="int8-dynamic")
     meta = json.loads((tmp_path / "later" / "kninfer.json").read_text())["models"]["q.onnx"]
     fp32_meta = json.loads((exported["kngpt2-tied"].parent / "kninfer.json").read_text())["models"]["model.onnx"]
     files = ("onnx_data_file", "onnx_sha256")  # the graph's own files; the tokenizer (none here) is the same
     assert {k: v for k, v in meta.items() if k not in files} == {
-        **{k: v for k, v in fp32_meta.items() if k not in files}, "variant": "int8"}
+        **{k: v for k, v in fp32_meta.items() if k not in files}, "variant": "int8-dynamic"}
     assert re.fullmatch(r"q\.onnx\.[0-9a-f]{8}\.data", meta["onnx_data_file"])
     assert report.agreement == int8.agreement
     ids = np.arange(0, models["kngpt2-tied"].config.vocab_size, 97, dtype=np.int64)[None, :20]

@@ -125,7 +125,7 @@ def test_int8(models, tmp_path):
     report = export_bundle(models["kron"], tmp_path / "int8.onnx", task="causal-lm", variant="int8")
     assert report.agreement is not None and report.agreement > 0.5
     print(f"\ntiny Kronecker Llama int8 top-1 agreement with fp32: {report.agreement:.1%}")
-    assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(report.onnx_path)).graph.node)
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(report.onnx_path)).graph.node)
     ids = np.arange(1, 40, dtype=np.int64)[None]
     assert np.isfinite(CausalLM(_graph(report.onnx_path), threads=1).prefill(ids, np.ones_like(ids))[0]).all()
 

@@ -126,7 +126,7 @@ def test_fused_blocks_read_no_shapes(exported, name):
 def test_int8_keeps_the_fused_nodes(models, tmp_path):
     report = export_bundle(models["llama"], tmp_path / "int8.onnx", variant="int8", fused_attention=True)
     ops = Counter(n.op_type for n in _nodes(report.onnx_path))
-    assert ops["GroupQueryAttention"] == models["llama"].config.num_hidden_layers and ops["MatMulInteger"]
+    assert ops["GroupQueryAttention"] == models["llama"].config.num_hidden_layers and ops["MatMulNBits"]
     assert report.agreement is not None and report.agreement > 0.5
     ids, mask = left_padded_batch(models["llama"].config.vocab_size, [6, 3])
     assert np.isfinite(CausalLM(_graph(report.onnx_path), threads=1).prefill(ids, mask)[0]).all()

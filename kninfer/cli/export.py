@@ -20,11 +20,16 @@ def export(
                                             "exporter supports).")] = 18,
     dense: Annotated[bool, typer.Option("--dense", help="Materialise every Kronecker weight (a dense baseline "
                                                         "for benchmarks).")] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization of the MatMul weights, per "
-                                                      "channel, the head included.")] = False,
-    int4: Annotated[bool, typer.Option("--int4", help="Block-wise 4-bit weights (MatMulNBits: blocks of 32 rows, "
-                                                      "int8 compute) for the MatMul weights with whole blocks, the "
-                                                      "head included; smaller ones stay fp32.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Block-wise 8-bit weights (MatMulNBits, as llama.cpp's Q8_0: "
+                                                      "blocks of 32 rows, int8 compute) for the MatMul weights with "
+                                                      "whole blocks, the head included; smaller ones stay fp32.")] = False,
+    int4: Annotated[bool, typer.Option("--int4", help="The same with 4-bit weights: smaller and faster, less "
+                                                      "accurate.")] = False,
+    int8_dynamic: Annotated[bool, typer.Option("--int8-dynamic", help="Dynamic int8 (MatMulInteger: per-channel "
+                                                                      "weights, activations per tensor at run time) "
+                                                                      "of every MatMul weight: faster on some "
+                                                                      "graphs, much less accurate where activations "
+                                                                      "have outliers (SmolLM2).")] = False,
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch (prefill + 3 cached steps) and "
                                               "fail when max |Δlogits| is above its tolerance.")] = True,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer to bundle: a directory or a tokenizer.json "
@@ -36,7 +41,8 @@ def export(
                                                        "GPT-2); --no-fused-attention traces MatMul/Softmax.")] = True,
 ) -> None:
     """Export a model to ONNX with its Kronecker layers kept factored, and write the bundle beside it."""
-    chosen = [name for name, flag in (("dense", dense), ("int8", int8), ("int4", int4)) if flag]
+    chosen = [name for name, flag in (("dense", dense), ("int8", int8), ("int4", int4),
+                                      ("int8-dynamic", int8_dynamic)) if flag]
     if len(chosen) > 1:
         raise KninferError(f"{' and '.join(f'--{name}' for name in chosen)} are exclusive: pick one variant")
     from kninfer.export import export as run
