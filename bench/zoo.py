@@ -2,11 +2,13 @@
 (needs the train extra).
 
 Speed does not depend on the weights' values, so nothing is downloaded. Every family's zoo holds the same students
-(STUDENTS), made from its dense teacher by the same presets, fp32 and int8, plus optimum-onnx's own export of the
-dense model and PyTorch eager folders. Each model lands in its own folder under the output directory, named after
-the family (GPT-2's names carry no prefix, as before families: gpt2-fp32, kngpt2-int8; SmolLM2's do: smollm2-fp32,
-smollm2-kngpt2-int8), so the zoos of both families can share one directory; a folder that is already complete is
-reused (pass `rebuild` to remake it).
+(STUDENTS), made from its dense teacher by the same presets, each in every variant of VARIANTS (fp32 exported, the
+quantized ones made from it: block-wise int8 and int4, dynamic int8), plus optimum-onnx's own export of the dense
+model (fp32, and int8-dynamic by its own quantizer) and PyTorch eager folders. Each model lands in its own folder
+under the output directory, named after the family (GPT-2's names carry no prefix, as before families: gpt2-fp32,
+kngpt2-int4; SmolLM2's do: smollm2-fp32, smollm2-kngpt2-int4), so the zoos of both families can share one directory;
+a folder that is already complete, of the expected variant, is reused (pass `rebuild` to remake it). An -int8 folder
+from before int8 meant block-wise (it holds dynamic int8) is remade.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedModel
 
@@ -45,6 +48,9 @@ STUDENTS = (Student("dense", None, None, torch=True), Student("kngpt2", "kngpt2"
             Student("kngpt2-tied", "kngpt2", True), Student("krony-pt", "krony-pt", False),
             Student("distil", "distil", None))
 
+# every student's bundles, in the tables' order: fp32 is exported, the others are quantize_bundle's of it
+VARIANTS = ("fp32", "int8", "int4", "int8-dynamic")
+
 
 @dataclass(frozen=True)
 class ZooFamily:
@@ -57,7 +63,7 @@ class ZooFamily:
     config: Callable[[], PretrainedConfig]
 
     def model_name(self, student: Student) -> str:
-        """The name of `student`'s models (each adds -fp32 or -int8) in this zoo."""
+        """The name of `student`'s models (each adds -VARIANT) in this zoo."""
         return self.short if student.preset is None else f"{self.prefix}{student.name}"
 
     @property
@@ -83,9 +89,10 @@ FAMILIES = {
 
 def build_zoo(out: Path, tokenizer_json: str, rebuild: bool = False, progress: Callable[[str], None] = print,
               family: ZooFamily | str = "gpt2") -> list[dict[str, Any]]:
-    """Export every model of `family`'s zoo (fp32 and int8) and save its torch models; returns one entry per model:
-    {name, path, runtime, family, preset, tie_head, variant}. `tokenizer_json` is cut to the model's vocabulary
-    when it has more tokens (fit_tokenizer)."""
+    """Export every model of `family`'s zoo (each student in every variant of VARIANTS, optimum's fp32 and dynamic
+    int8 of the dense one) and save its torch models; returns one entry per model, each student's variants in VARIANTS'
+    order, then optimum's, then its torch folder: {name, path, runtime, family, preset, tie_head, variant}.
+    `tokenizer_json` is cut to the model's vocabulary when it has more tokens (fit_tokenizer)."""
     zoo = FAMILIES[family] if isinstance(family, str) else family
     torch.manual_seed(0)
     config = zoo.config()
@@ -99,16 +106,19 @@ def build_zoo(out: Path, tokenizer_json: str, rebuild: bool = False, progress: C
             model = teacher
         else:
             model = compress(teacher, student.preset, tie_head=student.tie_head)[0].eval()
-        fp32, int8 = out / f"{name}-fp32", out / f"{name}-int8"
-        if rebuild or _missing(fp32):
-            progress(f"exporting {name} fp32")
-            export_bundle(model, fp32 / "model.onnx", tokenizer_json=tokenizer_json, verify=False)
-        if rebuild or _missing(int8):
-            progress(f"quantizing {name} int8")
-            quantize_bundle(fp32 / "model.onnx", int8 / "model.onnx")
-        entries += [_entry(fp32, kind, "fp32"), _entry(int8, kind, "int8")]
+        fp32 = out / f"{name}-fp32"
+        for variant in VARIANTS:
+            folder = out / f"{name}-{variant}"
+            if rebuild or not _current(folder, variant):
+                if variant == "fp32":
+                    progress(f"exporting {name} fp32")
+                    export_bundle(model, folder / "model.onnx", tokenizer_json=tokenizer_json, verify=False)
+                else:
+                    progress(f"quantizing {name} {variant}")
+                    quantize_bundle(fp32 / "model.onnx", folder / "model.onnx", variant=variant)
+            entries.append(_entry(folder, kind, variant))
         if student.preset is None:
-            for variant in ("fp32", "int8"):
+            for variant in ("fp32", "int8-dynamic"):
                 folder = out / f"optimum-{zoo.short}-{variant}"
                 if rebuild or _missing(folder):
                     progress(f"exporting {zoo.short} with optimum-onnx ({variant})")
@@ -125,6 +135,21 @@ def build_zoo(out: Path, tokenizer_json: str, rebuild: bool = False, progress: C
 
 def _missing(folder: Path) -> bool:
     return not (folder / "kninfer.json").is_file()
+
+
+def _current(folder: Path, variant: str) -> bool:
+    """Whether `folder` holds a complete kninfer bundle of `variant` as it is made today: its kninfer.json says that
+    variant and, for int8, the graph is block-wise (MatMulNBits); an -int8 folder built before int8 meant block-wise
+    says int8 too but holds dynamic int8 (MatMulInteger)."""
+    if _missing(folder):
+        return False
+    bundle = read_bundle(folder)
+    if bundle.meta.get("variant") != variant:
+        return False
+    if variant != "int8":
+        return True
+    graph = onnx.load(str(bundle.onnx_path), load_external_data=False).graph
+    return any(node.op_type == "MatMulNBits" for node in graph.node)
 
 
 def _entry(folder: Path, kind: dict[str, Any], variant: str) -> dict[str, Any]:
@@ -179,8 +204,8 @@ def _renumber_post_processor(processor: dict[str, Any] | None, ids: dict[str, in
 
 
 def optimum_bundle(teacher: PreTrainedModel, out: Path, variant: str, fp32_folder: Path, tokenizer_json: str) -> None:
-    """optimum-onnx's own export (text-generation-with-past) of the dense model, and for int8 its ORTQuantizer
-    (dynamic, per channel): the anchor a user would pick instead; kninfer.json is added so the runtime reads it."""
+    """optimum-onnx's own export (text-generation-with-past) of the dense model, and for int8-dynamic its
+    ORTQuantizer (dynamic, per channel): the anchor a user would pick instead; kninfer.json is added so the runtime reads it."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     with atomic_path(out, directory=True, kind="optimum-bundle", overwrite=True) as work:

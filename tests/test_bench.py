@@ -238,9 +238,29 @@ def test_zoo_families_are_described_alike_in_bench_and_kninfer(bench_modules):
     assert latency.EMBEDDINGS == {name: family.embedding for name, family in FAMILIES.items()}
     assert latency.MLP_MAPS == {name: family.mlp for name, family in FAMILIES.items()}
     assert set(latency.ZOO_FAMILIES) == set(zoo.FAMILIES) and all(k == f.family for k, f in zoo.FAMILIES.items())
+    from kninfer.export.bundle import QUANTIZED
+
+    assert latency.QUANTIZED_VARIANTS == QUANTIZED and zoo.VARIANTS == ("fp32", *QUANTIZED)
     config = zoo.FAMILIES["llama"].config()
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_key_value_heads,
             config.head_dim, config.tie_word_embeddings) == (49152, 576, 30, 3, 64, True)
+
+
+# the quantized op types (and MatMulNBits' bits) each variant's graph holds
+QUANTIZED_OPS = {"fp32": set(), "int8": {("MatMulNBits", 8)}, "int4": {("MatMulNBits", 4)},
+                 "int8-dynamic": {("MatMulInteger", None)}}
+
+
+def _quantized_ops(onnx_path) -> set[tuple[str, int | None]]:
+    import onnx
+
+    ops = set()
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            ops.add((node.op_type, next(a.i for a in node.attribute if a.name == "bits")))
+        elif node.op_type == "MatMulInteger":
+            ops.add((node.op_type, None))
+    return ops
 
 
 def test_zoo_entries_say_what_each_model_is(tiny_zoo, bench_modules):
@@ -251,10 +271,11 @@ def test_zoo_entries_say_what_each_model_is(tiny_zoo, bench_modules):
     family, entries, _ = tiny_zoo
     _, latency = bench_modules
     p, s = family.prefix, family.short
+    variants = ("fp32", "int8", "int4", "int8-dynamic")
     assert [e["name"] for e in entries] == [
-        f"{s}-fp32", f"{s}-int8", f"optimum-{s}-fp32", f"optimum-{s}-int8", f"torch-{s}",
-        f"{p}kngpt2-fp32", f"{p}kngpt2-int8", f"torch-{p}kngpt2", f"{p}kngpt2-tied-fp32", f"{p}kngpt2-tied-int8",
-        f"{p}krony-pt-fp32", f"{p}krony-pt-int8", f"{p}distil-fp32", f"{p}distil-int8"]
+        *(f"{s}-{v}" for v in variants), f"optimum-{s}-fp32", f"optimum-{s}-int8-dynamic", f"torch-{s}",
+        *(f"{p}kngpt2-{v}" for v in variants), f"torch-{p}kngpt2", *(f"{p}kngpt2-tied-{v}" for v in variants),
+        *(f"{p}krony-pt-{v}" for v in variants), *(f"{p}distil-{v}" for v in variants)]
     assert family.reference == f"{s}-fp32"
     assert (s, p) == {"gpt2": ("gpt2", ""), "llama": ("smollm2", "smollm2-")}[family.family]  # GPT-2's names as before
     params = {}
@@ -270,6 +291,8 @@ def test_zoo_entries_say_what_each_model_is(tiny_zoo, bench_modules):
             tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
             assert tokenizer.get_vocab_size(with_added_tokens=True) <= bundle.vocab_size
             assert tokenizer.token_to_id("<|endoftext|>") == bundle.eos_token_id
+            if not entry["name"].startswith("optimum-"):  # the graph is what its variant makes
+                assert _quantized_ops(bundle.onnx_path) == QUANTIZED_OPS[entry["variant"]], entry["name"]
         expected = {k: entry[k] for k in ("family", "preset", "tie_head")}
         if entry["preset"] == "distil":
             expected["preset"] = None
@@ -294,12 +317,17 @@ def test_zoo_run_selects_targets_by_kind(tiny_zoo, bench_modules, monkeypatch, t
     tied = {t["model"] for t in rows if "--tie-head" in t["target"]}
     assert tied == {f"{p}kngpt2-tied-fp32"}
     assert any("1.4x" in t["target"] for t in rows if t["model"] == f"{p}kngpt2-tied-fp32")
-    kronecker = {f"{p}{name}-{v}" for name in ("kngpt2", "kngpt2-tied", "krony-pt") for v in ("fp32", "int8")}
+    kronecker = {f"{p}{name}-{v}" for name in ("kngpt2", "kngpt2-tied", "krony-pt") for v in zoo.VARIANTS}
     assert {t["model"] for t in rows if t["target"].startswith("peak RSS")} == kronecker
-    (best,) = [t for t in rows if "best int8 Kronecker >= 3x" in t["target"]]
-    assert best["model"] in kronecker and best["model"].endswith("-int8")
-    (over_dense,) = [t for t in rows if "best int8 Kronecker >= 1.3x" in t["target"]]
-    assert over_dense["target"].split(" than ")[1].startswith(f"{family.short}-int8")
+    ms = {m["name"]: m["summary"]["decode_ms"]["4"]["p50"]["median"] for m in results["models"]}
+    quantized = ("-int8", "-int4", "-int8-dynamic")
+    (best,) = [t for t in rows if "best quantized Kronecker >= 3x" in t["target"]]
+    assert best["model"] in kronecker and best["model"].endswith(quantized)
+    assert ms[best["model"]] == min(ms[name] for name in kronecker if name.endswith(quantized))
+    (over_dense,) = [t for t in rows if "best quantized Kronecker >= 1.3x" in t["target"]]
+    dense8 = [f"{family.short}-int8", f"{family.short}-int8-dynamic", f"optimum-{family.short}-int8-dynamic"]
+    dense = over_dense["target"].split(" than ")[1].split(" [")[0]
+    assert over_dense["model"] == best["model"] and dense in dense8 and ms[dense] == min(ms[n] for n in dense8)
     carried = family.family != "gpt2"
     speed = [t for t in rows if "faster than" in t["target"]]
     assert len(speed) == 3 and all(t["carried_over"] is carried for t in speed)
@@ -307,6 +335,71 @@ def test_zoo_run_selects_targets_by_kind(tiny_zoo, bench_modules, monkeypatch, t
     assert not any(t["carried_over"] for t in rows if t not in speed)
     assert ("apply them unchanged to the llama family" in results["markdown"]) is carried
     assert f"| {p}krony-pt-fp32 | onnxruntime | fp32 | {family.family} krony-pt |" in results["markdown"]
+
+
+def test_zoo_remakes_an_int8_folder_of_dynamic_int8(tiny_zoo, bench_modules, gpt2_tokenizer):
+    """An -int8 folder built before int8 meant block-wise says variant int8 but holds dynamic int8: the zoo remakes it
+    (and only it); a folder of another variant than its name says is remade too."""
+    import shutil
+
+    family, entries, out = tiny_zoo
+    zoo, _ = bench_modules
+    s = family.short
+    int8, dynamic, int4 = out / f"{s}-int8", out / f"{s}-int8-dynamic", out / f"{s}-int4"
+    old = out / "old-int8"  # what the zoo wrote as X-int8 before: the dynamic graph, labelled int8
+    shutil.copytree(dynamic, old)
+    meta = json.loads((old / "kninfer.json").read_text())
+    (entry,) = meta["models"].values()
+    entry["variant"] = "int8"
+    (old / "kninfer.json").write_text(json.dumps(meta))
+    assert read_bundle(old).meta["variant"] == "int8" and _quantized_ops(read_bundle(old).onnx_path) == {
+        ("MatMulInteger", None)}
+    assert zoo._current(int8, "int8") and zoo._current(dynamic, "int8-dynamic") and zoo._current(int4, "int4")
+    assert not zoo._current(old, "int8") and not zoo._current(dynamic, "int8")
+    assert not zoo._current(out / "nothing-here", "int8") and not zoo._current(int8, "int4")
+
+    shutil.rmtree(int8)
+    old.rename(int8)
+    said = []
+    again = zoo.build_zoo(out, gpt2_tokenizer.backend_tokenizer.to_str(), progress=said.append, family=family)
+    assert said == [f"quantizing {s} int8"]
+    assert [e["name"] for e in again] == [e["name"] for e in entries]
+    assert read_bundle(int8).meta["variant"] == "int8" and _quantized_ops(read_bundle(int8).onnx_path) == {
+        ("MatMulNBits", 8)}
+
+
+def test_quantized_targets_take_the_fastest_of_any_quantized_variant(bench_modules):
+    """best quantized Kronecker: the fastest Kronecker model of a quantized variant (not a faster fp32 one, nor one
+    of another family); compared with the fastest dense int8 or int8-dynamic model of the reference's depth (not a
+    faster dense int4, nor a shallower dense model). Independent: hand-made rounds."""
+    _, latency = bench_modules
+
+    def model(name, ms_per_round, preset=None, variant="fp32", family="gpt2", layers=12):
+        rounds = [{"decode_ms": {"32": {"p50": ms}}} for ms in ms_per_round]
+        return {"name": name, "runtime": "onnxruntime", "preset": preset, "variant": variant, "tie_head": False,
+                "family": family, "layers": layers, "weight_bytes": None, "rounds": rounds,
+                "summary": {"decode_ms": {"32": {"p50": {"median": statistics.median(ms_per_round)}}},
+                            "measured_over_floor": {}}}
+
+    models = [model("dense-fp32", [90, 100, 110]),
+              model("dense-int8", [50, 52, 54], variant="int8"),
+              model("dense-int8-dynamic", [40, 42, 44], variant="int8-dynamic"),
+              model("dense-int4", [20, 21, 22], variant="int4"),
+              model("dense-6-int8", [10, 11, 12], variant="int8", layers=6),
+              model("kron-fp32", [5, 5, 5], preset="krony-pt"),
+              model("kron-int8", [30, 31, 32], preset="krony-pt", variant="int8"),
+              model("kron-int4", [25, 30, 20], preset="kngpt2", variant="int4"),
+              model("kron-int8-dynamic", [28, 29, 30], preset="kngpt2", variant="int8-dynamic"),
+              model("llama-kron-int4", [1, 1, 1], preset="kngpt2", variant="int4", family="llama"),
+              model("distil-int4", [2, 2, 2], preset="distil", variant="int4")]
+    rows = {t["target"]: t for t in latency.targets(models, "dense-fp32", 32)}
+    best = rows["best quantized Kronecker >= 3x faster than dense-fp32"]
+    assert best["model"] == "kron-int4"
+    assert best["measured"] == pytest.approx(statistics.median([90 / 25, 100 / 30, 110 / 20]))
+    over = rows["best quantized Kronecker >= 1.3x faster than dense-int8-dynamic"]
+    assert over["model"] == "kron-int4"
+    assert over["measured"] == pytest.approx(statistics.median([40 / 25, 42 / 30, 44 / 20])) and over["pass"]
+    assert not any("int8 Kronecker" in target for target in rows)
 
 
 def test_a_krony_pt_student_is_not_taken_for_kngpt2(tiny_zoo, bench_modules, monkeypatch, tmp_path, data_dir):
