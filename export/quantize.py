@@ -43,7 +43,9 @@ def quantize_dynamic_int8(model: onnx.ModelProto, target: Path) -> None:
 def quantize_blocks(model: onnx.ModelProto, target: Path, bits: int) -> None:
     """Block-wise symmetric `bits`-bit weights (MatMulNBits, blocks of BLOCK rows, int8 compute) for the MatMuls
     whose weight fits whole blocks; smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied
-    table's Gather can read the head's packed bytes as they are (share_packed_tables)."""
+    table's Gather can read the head's packed bytes as they are (share_packed_tables). MatMuls on one activation
+    are merged first (merge_parallel_matmuls)."""
+    merge_parallel_matmuls(model.graph)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=unblocked_matmuls(model.graph),
                                      op_types_to_quantize=("MatMul",))
@@ -56,6 +58,32 @@ def quantize_blocks(model: onnx.ModelProto, target: Path, bits: int) -> None:
 QUANTIZERS: dict[str, Callable[[onnx.ModelProto, Path], None]] = {
     "int8": partial(quantize_blocks, bits=8), "int4": partial(quantize_blocks, bits=4),
     "int8-dynamic": quantize_dynamic_int8}
+
+
+def merge_parallel_matmuls(graph: onnx.GraphProto) -> None:
+    """MatMuls that read the same activation with 2-D constant weights (Llama's q/k/v and gate/up projections) -> one
+    MatMul on the weights side by side, then a Split into the old outputs: fewer, larger MatMulNBits kernels (int4
+    decode 6% faster on SmolLM2-135M; int8 and fp32 unchanged: docs/architecture.md, "Quantization")."""
+    weights = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            groups.setdefault(node.input[0], []).append(node)
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # a node's output -> what takes the node's place
+    for activation, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        parts = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        name = f"{nodes[0].name or nodes[0].output[0]}_merged"
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(parts, axis=1), f"{name}_weight"),
+                                  numpy_helper.from_array(np.array([w.shape[1] for w in parts], np.int64),
+                                                          f"{name}_split")])
+        replaced[nodes[0].output[0]] = [
+            helper.make_node("MatMul", [activation, f"{name}_weight"], [f"{name}_output"], name=name),
+            helper.make_node("Split", [f"{name}_output", f"{name}_split"], [node.output[0] for node in nodes],
+                             axis=-1, name=f"{name}_split")]
+        replaced.update({node.output[0]: [] for node in nodes[1:]})
+    _replace_nodes(graph, [new for node in graph.node for new in replaced.get(node.output[0], [node])])
 
 
 def unblocked_matmuls(graph: onnx.GraphProto) -> list[str]:

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kninfer.cli.export import export as export_command
 from kninfer.errors import KninferError
 from kninfer.export import export_bundle, quantize_bundle
-from kninfer.export.quantize import ACCURACY_LEVEL, BLOCK, share_packed_tables
+from kninfer.export.quantize import ACCURACY_LEVEL, BLOCK, merge_parallel_matmuls, share_packed_tables
 from kninfer.modeling.compress import compress
 from kninfer.runtime.bundle import read_bundle
 from kninfer.runtime.perplexity import perplexity
@@ -58,8 +58,9 @@ def _weights(graph: onnx.GraphProto) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize(("name", "variant"), CASES)
 def test_blocks_the_weights_that_fit(bundles, name, variant):
-    """Every MatMul (or tied Gemm) weight whose rows fill blocks becomes one MatMulNBits; the others stay fp32
-    MatMuls; no Shape node comes in (the quantizer's dynamic output reshape is for N-D weights, never given it)."""
+    """Every MatMul (or tied Gemm) weight whose rows fill blocks goes into a MatMulNBits, one per activation (the
+    MatMuls reading one activation merged: q/k/v, gate/up); the others stay fp32 MatMuls holding the same numbers;
+    no Shape node comes in (the quantizer's dynamic output reshape is for N-D weights, never given it)."""
     fp32_path, report = bundles[name, variant]
     fp32, quantized = onnx.load(str(fp32_path)).graph, onnx.load(str(report.onnx_path)).graph
     shapes = _weights(fp32)
@@ -67,15 +68,22 @@ def test_blocks_the_weights_that_fit(bundles, name, variant):
     blocked = [n for n in matmuls if shapes[n.input[1]][n.op_type == "Gemm"] % BLOCK == 0]
     small = [n.input[1] for n in matmuls if n not in blocked]
     nbits = [n for n in quantized.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == len(blocked) > 20
+    assert len(nbits) == len({n.input[0] for n in blocked}) and len(blocked) > 20
+    assert sum(next(a.i for a in n.attribute if a.name == "N") for n in nbits) == sum(
+        shapes[n.input[1]][0 if n.op_type == "Gemm" else 1] for n in blocked)
     assert {(a.name, a.i) for n in nbits for a in n.attribute if a.name in ("bits", "block_size", "accuracy_level")} \
         == {("bits", BITS[variant]), ("block_size", BLOCK), ("accuracy_level", ACCURACY_LEVEL)}
-    kept = {n.input[1] for n in quantized.node if n.op_type == "MatMul" and n.input[1] in _weights(quantized)}
-    assert kept == set(small) and (name == "dense" or len(small) >= 10)  # every Kronecker B factor here: 1-2 rows
+    values = {t.name: numpy_helper.to_array(t) for t in fp32.initializer}
+    kept = [numpy_helper.to_array(t) for t in quantized.initializer
+            if t.name in {n.input[1] for n in quantized.node if n.op_type == "MatMul"}]
+    flat = [np.sort(np.concatenate([w.ravel() for w in weights] or [np.zeros(0)])) for weights in
+            ([values[w] for w in small], kept)]
+    np.testing.assert_array_equal(flat[0], flat[1])
+    assert name == "dense" or len(small) >= 10  # every Kronecker B factor here: 1-2 rows
     count = [Counter(n.op_type for n in g.node) for g in (fp32, quantized)]
     assert count[1]["Shape"] == count[0]["Shape"] and count[1]["Transpose"] <= count[0]["Transpose"]
-    print(f"\n{name} {variant}: {len(nbits)} MatMulNBits, {len(small)} small fp32 MatMul weights, "
-          f"{report.bytes / 1e6:.2f} MB")
+    print(f"\n{name} {variant}: {len(nbits)} MatMulNBits for {len(blocked)} weights, {len(small)} small fp32 "
+          f"MatMul weights, {report.bytes / 1e6:.2f} MB")
 
 
 @pytest.mark.parametrize(("name", "variant"), CASES)
@@ -140,3 +148,23 @@ def test_variants_are_exclusive(tmp_path):
         export_command("unused", tmp_path / "m.onnx", int8=True, int8_dynamic=True)
     with pytest.raises(KninferError, match="unknown quantized variant 'int2'"):
         quantize_bundle(tmp_path / "missing.onnx", tmp_path / "q.onnx", variant="int2")
+
+
+def test_merge_parallel_matmuls_keeps_the_outputs():
+    """Three MatMuls on x (one weight of another width) and one on y: x's become one MatMul and a Split whose outputs
+    equal the three products (onnxruntime against numpy); y's stays as it was."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weights = {f"W{i}": rng.standard_normal((8, n)).astype(np.float32) for i, n in enumerate((4, 4, 6, 5))}
+    nodes = [helper.make_node("MatMul", ["x" if i < 3 else "y", f"W{i}"], [f"o{i}"], name=f"m{i}") for i in range(4)]
+    inputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, 8]) for v in ("x", "y")]
+    outputs = [helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT, None) for i in range(4)]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(w, k) for k, w in weights.items()])
+    merge_parallel_matmuls(graph)
+    assert [n.op_type for n in graph.node] == ["MatMul", "Split", "MatMul"]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    feeds = {v: rng.standard_normal((2, 8)).astype(np.float32) for v in ("x", "y")}
+    got = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    for i, out in enumerate(got):
+        np.testing.assert_allclose(out, feeds["x" if i < 3 else "y"] @ weights[f"W{i}"], rtol=1e-5, atol=1e-5)
