@@ -44,6 +44,20 @@ def test_low_memory_session_gives_the_same_logits(kngpt2_bundle):
                                atol=1e-5)
 
 
+def test_low_memory_keeps_packing_for_block_quantized_graphs(kngpt2_bundle, tmp_path):
+    """int8/int4 (MatMulNBits) sessions keep pre-packing under --low-memory; int8-dynamic turns it off."""
+    from kninfer.export import quantize_bundle
+
+    for variant in ("int4", "int8", "int8-dynamic"):
+        report = quantize_bundle(kngpt2_bundle, tmp_path / variant / "model.onnx", variant=variant)
+        options = CausalLM(read_bundle(report.onnx_path), threads=1, low_memory=True).session.get_session_options()
+        if variant == "int8-dynamic":
+            assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        else:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                options.get_session_config_entry("session.disable_prepacking")
+
+
 def test_sampling_seeded_and_top_k_1_is_greedy(lm):
     model, tokenizer = lm.session, lm.tokenizer
     greedy = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS)).token_ids

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 BundleArg = Annotated[Path, typer.Argument(help="The bundle: its directory or its .onnx file (kninfer.json beside).")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).", min=1)]
 LowMemoryOption = Annotated[bool, typer.Option(help="Skip onnxruntime's pre-packed weight copies: less memory "
-                                                    "(about the fp32 MatMul weights' size less), slower steps.")]
+                                                    "(about the fp32 MatMul weights' size less), slower steps; "
+                                                    "no effect on --int8/--int4 graphs, where it would cost "
+                                                    "memory.")]
 # The sampling options of `generate` and `chat` (kninfer.runtime.generate.Sampling's fields)
 MaxNewTokensOption = Annotated[int, typer.Option(help="Most tokens to add to each prompt (each reply).")]
 TemperatureOption = Annotated[float, typer.Option(help="0 is greedy decoding; above 0 samples (1 = model's own).")]
