@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 SIZED = ("odd-mlp", "svd", "drop", "auto", "krony-pt")  # presets whose student size --ratio sets
 RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default, or "paper")
     "kronecker": ("odd-mlp", "ilkd", None),
+    "kronecker-vanilla": ("odd-mlp", "vanilla", None),
     "svd": ("svd", "ilkd", None),
     "drop": ("drop", "vanilla", None),
     "kngpt2-ilkd": ("kngpt2", "ilkd", None),
