@@ -205,7 +205,8 @@ def _renumber_post_processor(processor: dict[str, Any] | None, ids: dict[str, in
 
 def optimum_bundle(teacher: PreTrainedModel, out: Path, variant: str, fp32_folder: Path, tokenizer_json: str) -> None:
     """optimum-onnx's own export (text-generation-with-past) of the dense model, and for int8-dynamic its
-    ORTQuantizer (dynamic, per channel): the anchor a user would pick instead; kninfer.json is added so the runtime reads it."""
+    ORTQuantizer (dynamic, per channel): the anchor a user would pick instead; kninfer.json is added so the runtime
+    reads it."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     with atomic_path(out, directory=True, kind="optimum-bundle", overwrite=True) as work:

@@ -32,11 +32,11 @@ def export(
     The bundle gets `tokenizer` (an object, a directory or a tokenizer.json; default: the one saved with a loaded
     model) and its chat template for `kninfer chat` (an object's, or a directory's chat_template.jinja or
     tokenizer_config.json's; the "default" one of several). `variant`: fp32, dense (every Kronecker weight
-    materialised), int8, int4 or int8-dynamic (export/quantize.py). With `verify`, onnxruntime's logits must match PyTorch's within
-    TOLERANCE times their RMS, at least TOLERANCE (prefill + cached steps). `overwrite` replaces files in the folder
-    that its kninfer.json does not list. `fused_attention`: each layer's attention core as one onnxruntime contrib
-    node (GroupQueryAttention for Llama, MultiHeadAttention for GPT-2; docs/architecture.md, "ONNX graph rules");
-    False traces it to MatMul/Softmax as transformers writes it.
+    materialised), int8, int4 or int8-dynamic (export/quantize.py). With `verify`, onnxruntime's logits must match
+    PyTorch's within TOLERANCE times their RMS, at least TOLERANCE (prefill + cached steps). `overwrite` replaces
+    files in the folder that its kninfer.json does not list. `fused_attention`: each layer's attention core as one
+    onnxruntime contrib node (GroupQueryAttention for Llama, MultiHeadAttention for GPT-2; docs/architecture.md,
+    "ONNX graph rules"); False traces it to MatMul/Softmax as transformers writes it.
     """
     _check_opset(opset)
     out = Path(out)

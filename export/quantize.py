@@ -87,8 +87,8 @@ def merge_parallel_matmuls(graph: onnx.GraphProto) -> None:
 
 
 def unblocked_matmuls(graph: onnx.GraphProto) -> list[str]:
-    """MatMuls that the block variants leave fp32: those without a 2-D constant right-hand weight of whole BLOCKs of rows (the
-    quantizer would pad a short one, and give an N-D one a Shape-based output reshape)."""
+    """MatMuls that the block variants leave fp32: those without a 2-D constant right-hand weight of whole BLOCKs of
+    rows (the quantizer would pad a short one, and give an N-D one a Shape-based output reshape)."""
     shapes = {t.name: list(t.dims) for t in graph.initializer if t.data_type == TensorProto.FLOAT}
     return [node.name for node in graph.node if node.op_type == "MatMul"
             and not (len(shapes.get(node.input[1], [])) == 2 and shapes[node.input[1]][0] % BLOCK == 0)]
@@ -126,8 +126,8 @@ def untie_heads(model: onnx.ModelProto) -> None:
 
 
 def rewire_gathers(graph: onnx.GraphProto) -> None:
-    """int8-dynamic: Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the scales
-    are per slice along that axis (the tied Kronecker head's Aᵀ, gathered on axis 1); unused fp32 tables go."""
+    """int8-dynamic: Gather(W, ids, axis) -> Cast(Gather(W_quantized, ids, axis)) * Gather(W_scale, ids), where the
+    scales are per slice along that axis (the tied Kronecker head's Aᵀ, gathered on axis 1); unused fp32 tables go."""
     initializers = {t.name: t for t in graph.initializer}
     nodes = []
     for node in graph.node:
