@@ -58,18 +58,22 @@ class OrtModel:
         self.lm = CausalLM(read_bundle(path), threads=threads, low_memory=low_memory)
         self.vocab, self.context = self.lm.bundle.vocab_size, self.lm.bundle.context_length
 
-    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Last-position logits and the cache after the prompt `ids`."""
-        logits, cache = self.lm.prefill(ids, np.ones_like(ids))
+    def prefill(self, ids: np.ndarray, capacity: int = 0) -> tuple[np.ndarray, Any]:
+        """Last-position logits and the cache after the prompt `ids`, with room for `capacity` positions."""
+        logits, cache = self.lm.prefill(ids, np.ones_like(ids), capacity)
         return logits[:, -1], cache
 
     def step(self, token: np.ndarray, cache: Any) -> np.ndarray:
-        """Last-position logits for one new token per row after `cache`; the cache itself is left as it was."""
-        return self.extend(token, cache)[0]
+        """Last-position logits for one new token per row after `cache`; the cache is set back to its length (a
+        shared buffer's next position is written again by the next step)."""
+        past = cache.length
+        logits, _ = self.extend(token, cache)
+        cache.length = past
+        return logits
 
     def extend(self, token: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         """Like `step`, but returns the cache grown by the token (for generation)."""
-        mask = np.ones((len(token), cache[0].shape[2] + 1), np.int64)
+        mask = np.ones((len(token), cache.length + 1), np.int64)
         logits, cache = self.lm.step(token, mask, cache)
         return logits[:, -1], cache
 
@@ -87,8 +91,8 @@ class TorchModel:
         self.model, _ = load(path)
         self.vocab, self.context = self.model.config.vocab_size, self.model.config.max_position_embeddings
 
-    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Last-position logits and the cache after the prompt `ids`."""
+    def prefill(self, ids: np.ndarray, capacity: int = 0) -> tuple[np.ndarray, Any]:
+        """Last-position logits and the cache after the prompt `ids` (a DynamicCache grows: no `capacity`)."""
         with self.torch.inference_mode():
             out = self.model(self.torch.from_numpy(ids), use_cache=True)
         return out.logits[:, -1].numpy(), out.past_key_values
@@ -136,7 +140,7 @@ def latency(spec: dict[str, Any]) -> dict[str, Any]:
     for past in spec["past_lengths"]:
         if past + 1 > model.context:
             continue
-        logits, cache = model.prefill(ids[:, :past])
+        logits, cache = model.prefill(ids[:, :past], capacity=past + 1)
         times = []
         for _ in range(spec["warmup_steps"] + spec["decode_steps"]):
             token = logits.argmax(-1)[:, None].astype(np.int64)
@@ -155,7 +159,7 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
     prompt = min(32, model.context - 1)
     new = min(spec["new_tokens"], model.context - prompt)
     ids = np.random.default_rng(0).integers(0, model.vocab, (spec["batch"], prompt), dtype=np.int64)
-    logits, cache = model.prefill(ids)
+    logits, cache = model.prefill(ids, capacity=prompt + new)
     for _ in range(new - 1):
         logits, cache = model.extend(logits.argmax(-1)[:, None].astype(np.int64), cache)
     return {"peak_rss_bytes": peak_rss_bytes(), "new_tokens": new}

@@ -88,6 +88,9 @@ def export_bundle(
         with torch.no_grad():
             export_onnx(model, task, fp32, opset, family_of(model.config).name, fused_attention)
         check_graph(str(fp32))
+        if entry["kv_cache"] is not None:
+            entry["kv_cache"]["shared_buffer"] = writes_cache_in_place(onnx.load(str(fp32), load_external_data=False),
+                                                                       entry["kv_cache"])
         verification = verify_graph(model, graph_bundle(fp32, entry)) if verify else None
         if verification is not None and not verification.ok:
             raise KninferError(f"verification failed: onnxruntime and PyTorch logits differ by "
@@ -151,6 +154,25 @@ def bundle_metadata(model: PreTrainedModel, task: str, variant: str) -> dict[str
         "versions": {"kninfer": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+
+
+def writes_cache_in_place(graph: onnx.ModelProto, kv: dict[str, Any]) -> bool:
+    """Whether each layer's past key and value feed one GroupQueryAttention node alone, which outputs that layer's
+    present key and value: onnxruntime's kernel then appends the step in place when past and present are bound to
+    one buffer (docs/architecture.md, "KV cache")."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for layer in range(kv["num_layers"]):
+        past, present = ([kv[f"{role}_{part}"].format(i=layer) for part in ("key", "value")]
+                         for role in ("past", "present"))
+        nodes = readers.get(past[0], [])
+        if len(nodes) != 1 or readers.get(past[1]) != nodes or nodes[0].op_type != "GroupQueryAttention":
+            return False
+        if list(nodes[0].input[3:5]) != past or list(nodes[0].output[1:3]) != present:
+            return False
+    return True
 
 
 def _spec_dict(config: Any) -> dict[str, Any] | None:

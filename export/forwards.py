@@ -61,8 +61,12 @@ def fused_causal_mask(config, input_embeds: torch.Tensor, attention_mask: torch.
                       **kwargs) -> FusedMask:
     """`causal_mask` with the lengths GroupQueryAttention needs. Every row's length is the mask's width: padding,
     left or right, is hidden by the bias, so the op's own causal rule (key j visible to query i iff j <= past+i)
-    agrees with it and the cache stays (batch, kv_heads, past+seq, head_dim) for every row."""
-    bias = causal_mask(config, input_embeds, attention_mask, cache_position)
+    agrees with it and the cache stays (batch, kv_heads, past+seq, head_dim) for every row. The queries' positions
+    come from the mask's width, not from the past tensors' length (transformers' `cache_position`): no node but
+    the attention reads the cache, so it may be a longer buffer written in place (kv_cache.shared_buffer)."""
+    width, seq = attention_mask.shape[-1], input_embeds.shape[1]
+    positions = torch.arange(width - seq, width, device=attention_mask.device)
+    bias = causal_mask(config, input_embeds, attention_mask, positions)
     return FusedMask(bias, *_SequenceLengths.apply(attention_mask))
 
 

@@ -4,6 +4,7 @@ left-padded batches, prefill and cached decode, with the graph's inputs and outp
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from kninfer.export import export_bundle
+from kninfer.export.bundle import writes_cache_in_place
 from kninfer.export.verify import left_padded_batch, verify_causal_lm, verify_classifier
 from kninfer.modeling.compress import compress
-from kninfer.runtime.bundle import read_bundle
+from kninfer.runtime.bundle import read_bundle, read_models
 from kninfer.runtime.session import CausalLM
 
 TOL = 1e-4  # fp32 onnxruntime vs PyTorch, max |Δlogits| (tiny random models: logits RMS below 1)
@@ -90,7 +92,9 @@ def test_fused_and_plain_graphs_agree_on_a_multi_token_step(models, exported, na
         results.append(lm.step(ids[:, 5:], np.ones_like(ids), cache))
     (fused_logits, fused_cache), (plain_logits, plain_cache) = results
     assert np.abs(fused_logits - plain_logits).max() <= TOL
-    assert all(np.abs(a - b).max() <= TOL for a, b in zip(fused_cache, plain_cache, strict=True))
+    assert fused_cache.length == plain_cache.length == ids.shape[1]
+    assert all(np.abs(a[:, :, :ids.shape[1]] - b).max() <= TOL
+               for a, b in zip(fused_cache.arrays, plain_cache.arrays, strict=True))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "kngpt2"])
@@ -123,10 +127,55 @@ def test_fused_blocks_read_no_shapes(exported, name):
     assert sum(n.op_type == "Where" for n in nodes) == 1
 
 
+@pytest.mark.parametrize("name, fused, shared", [("llama", True, True), ("llama", False, False),
+                                                 ("gpt2", True, False), ("gpt2", False, False)])
+def test_only_group_query_attention_graphs_share_their_cache_buffer(exported, name, fused, shared):
+    """kninfer.json says so exactly when every past tensor feeds one GroupQueryAttention node alone (GPT-2's
+    MultiHeadAttention and the plain graphs' Concat copy the cache)."""
+    bundle = _graph(exported[name, fused].onnx_path)
+    assert bundle.kv_cache.shared_buffer is shared
+    past = set(bundle.kv_cache.past_names())
+    readers = Counter(n.op_type for n in _nodes(bundle.onnx_path) for i in n.input if i in past)
+    assert (readers == Counter({"GroupQueryAttention": len(past)})) is shared
+
+
+def _copying(bundle):
+    """The same graph driven as if it could not share its cache: new present tensors every step."""
+    return dataclasses.replace(bundle, kv_cache=dataclasses.replace(bundle.kv_cache, shared_buffer=False))
+
+
+@pytest.mark.parametrize("capacity", [0, 32])
+def test_shared_buffer_decoding_matches_the_copying_cache(models, exported, capacity):
+    """Greedy steps on a left-padded batch with the cache written in place (from the prompt's own size, grown by
+    doubling, or reserved up front) give the logits and cache of the same graph fed a new cache every step; the
+    reserved buffer is the one every step writes into."""
+    bundle = _graph(exported["llama", True].onnx_path)
+    ids, mask = left_padded_batch(models["llama"].config.vocab_size, [6, 3], seed=5)
+    runs = []
+    for lm in (CausalLM(bundle, threads=1), CausalLM(_copying(bundle), threads=1)):
+        step_mask = mask
+        logits, cache = lm.prefill(ids, step_mask, capacity)
+        first, steps = cache.arrays[0], [logits]
+        for _ in range(12):
+            step_mask = np.concatenate([step_mask, np.ones((2, 1), np.int64)], axis=1)
+            logits, cache = lm.step(logits[:, -1:].argmax(-1), step_mask, cache)
+            steps.append(logits)
+        runs.append((steps, cache, first))
+    (shared, shared_cache, first), (copied, copied_cache, _) = runs
+    assert all(np.abs(a - b).max() <= 1e-6 for a, b in zip(shared, copied, strict=True))
+    assert shared_cache.length == copied_cache.length == 18
+    assert shared_cache.capacity == (32 if capacity else 24)  # 6 -> 12 -> 24 when grown
+    assert (shared_cache.arrays[0] is first) is bool(capacity)
+    assert all(np.abs(a[:, :, :18] - b).max() <= 1e-6
+               for a, b in zip(shared_cache.arrays, copied_cache.arrays, strict=True))
+
+
 def test_int8_keeps_the_fused_nodes(models, tmp_path):
     report = export_bundle(models["llama"], tmp_path / "int8.onnx", variant="int8", fused_attention=True)
     ops = Counter(n.op_type for n in _nodes(report.onnx_path))
     assert ops["GroupQueryAttention"] == models["llama"].config.num_hidden_layers and ops["MatMulNBits"]
+    assert writes_cache_in_place(onnx.load(str(report.onnx_path), load_external_data=False),
+                                 read_models(tmp_path)["int8.onnx"]["kv_cache"])
     assert report.agreement is not None and report.agreement > 0.5
     ids, mask = left_padded_batch(models["llama"].config.vocab_size, [6, 3])
     assert np.isfinite(CausalLM(_graph(report.onnx_path), threads=1).prefill(ids, mask)[0]).all()

@@ -81,10 +81,10 @@ class Slow:
     def __init__(self, session, delay: float) -> None:
         self.session, self.delay, self.bundle, self.runs = session, delay, session.bundle, 0
 
-    def prefill(self, ids, mask):
+    def prefill(self, ids, mask, capacity=0):
         self.runs += 1
         time.sleep(self.delay)
-        return self.session.prefill(ids, mask)
+        return self.session.prefill(ids, mask, capacity)
 
     def step(self, ids, mask, cache):
         self.runs += 1

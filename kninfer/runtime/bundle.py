@@ -35,8 +35,8 @@ FIELDS: dict[str, tuple[type, bool]] = {
     "versions": (dict, False), "chat_template": (str, False),
 }
 KV_FIELDS: dict[str, tuple[type, bool]] = {**dict.fromkeys(KV_KEYS[:3], (int, True)),
-                                           **dict.fromkeys(KV_KEYS[3:], (str, True))}
-JSON_TYPES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+                                           **dict.fromkeys(KV_KEYS[3:], (str, True)), "shared_buffer": (bool, False)}
+JSON_TYPES = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}
 # Where an ONNX model can hold a TensorProto (onnx.proto field numbers): message -> {field: message it holds}
 ONNX_MESSAGES: dict[str, dict[int, str]] = {
     "model": {7: "graph", 20: "training", 25: "function"},
@@ -61,6 +61,9 @@ class KVCacheSpec:
     past_value: str
     present_key: str
     present_value: str
+    # the graph writes each step's keys and values into the past tensors at the mask's past length (onnxruntime's
+    # GroupQueryAttention): past and present may be one buffer, longer than the mask, bound to both
+    shared_buffer: bool = False
 
     def past_names(self) -> list[str]:
         """Graph input names of the cache, in layer order, key before value."""
@@ -280,7 +283,7 @@ def _kv_cache(entry: dict[str, Any], where: str) -> KVCacheSpec | None:
         rest = spec[key].replace("{i}", "", 1)
         if "{i}" not in spec[key] or "{" in rest or "}" in rest:
             raise KninferError(f"{where} kv_cache: \"{key}\" is {_show(spec[key])}, expected a name with one {{i}}")
-    return KVCacheSpec(**{key: spec[key] for key in KV_KEYS})
+    return KVCacheSpec(**{key: spec[key] for key in KV_KEYS}, shared_buffer=spec.get("shared_buffer") is True)
 
 
 def _existing(directory: Path, name: str, where: str, role: str) -> Path:

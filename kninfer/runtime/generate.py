@@ -184,7 +184,8 @@ def _steps(model: CausalLM, tokenizer: Tokenizer, prompt_ids: list[list[int]],
     generation = Generation(texts=[""] * len(rows), token_ids=[row.ids for row in rows],
                             prompt_tokens=sum(len(p) for p in prompt_ids))
     start = time.perf_counter()
-    logits, cache = model.prefill(ids, mask)
+    capacity = min(bundle.context_length, mask.shape[1] + sampling.max_new_tokens)
+    logits, cache = model.prefill(ids, mask, capacity)
     generation.prefill_ms = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     while True:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import numpy as np
 import onnxruntime as ort
 
@@ -70,8 +74,14 @@ def _mismatch(bundle: Bundle, detail: str) -> KninferError:
 
 def _run(model: CausalLM | Classifier, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """session.run; a graph that kninfer.json over-promises (a context past its positions) fails in one line."""
-    try:
+    with _one_line_errors(model):
         return model.session.run(outputs, feeds)
+
+
+@contextmanager
+def _one_line_errors(model: CausalLM | Classifier) -> Iterator[None]:
+    try:
+        yield
     except Exception as error:  # onnxruntime's pybind errors share no base class
         raise KninferError(f"onnxruntime failed to run '{model.bundle.onnx_path}': {_first_line(error)}") from None
 
@@ -88,6 +98,23 @@ def position_ids(attention_mask: np.ndarray, length: int) -> np.ndarray:
     return positions[:, -length:]
 
 
+@dataclass
+class KVCache:
+    """Every layer's key and value, (batch, kv_heads, positions, head_dim), in `past_names` order, and how many
+    positions hold tokens. A shared-buffer graph (kv_cache.shared_buffer) writes each step's keys and values into
+    `arrays` where they are: they hold `capacity` positions and `binding` binds each to both its past input and its
+    present output. Otherwise a step returns new arrays, `length` positions long."""
+
+    arrays: list[np.ndarray]
+    length: int
+    binding: ort.IOBinding | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Positions the arrays can hold."""
+        return self.arrays[0].shape[2]
+
+
 class CausalLM:
     """A causal-LM bundle: one graph for the prompt and for every later step, the KV cache fed back."""
 
@@ -101,34 +128,67 @@ class CausalLM:
         if len(inputs) != 3 + 2 * self.kv.num_layers:  # before building names: num_layers comes from a file
             raise _mismatch(bundle, f"the graph has {len(inputs)} inputs, kv_cache.num_layers "
                                     f"{self.kv.num_layers} needs {3 + 2 * self.kv.num_layers}")
-        self.past_names, self.output_names = self.kv.past_names(), ["logits", *self.kv.present_names()]
+        self.past_names, self.present_names = self.kv.past_names(), self.kv.present_names()
         _check_io(self.session, bundle, ["input_ids", "attention_mask", "position_ids", *self.past_names],
-                  self.output_names)
+                  ["logits", *self.present_names])
         for name in self.past_names:
             _check_dims(bundle, inputs[name], {1: self.kv.num_heads, 3: self.kv.head_dim})
-        _check_dims(bundle, _output(self.session, "logits"), {-1: bundle.vocab_size})
+        logits = _output(self.session, "logits")
+        _check_dims(bundle, logits, {-1: bundle.vocab_size})
         self.cache_dtype = NUMPY_TYPES.get(inputs[self.past_names[0]].type, np.float32)
+        self.logits_dtype = NUMPY_TYPES.get(logits.type, np.float32)
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits (batch, seq, vocab) of a prompt (left-padded if a batch) and the cache it leaves."""
-        shape = (len(input_ids), self.kv.num_heads, 0, self.kv.head_dim)
-        return self.step(input_ids, attention_mask, [np.zeros(shape, self.cache_dtype) for _ in self.past_names])
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                capacity: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Logits (batch, seq, vocab) of a prompt (left-padded if a batch) and the cache it leaves; a shared-buffer
+        cache reserves `capacity` positions (at least the prompt's; it grows when a step needs more)."""
+        shared = self.kv.shared_buffer
+        cache = self.empty_cache(len(input_ids), max(capacity, attention_mask.shape[1]) if shared else 0)
+        return self.step(input_ids, attention_mask, cache)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+             cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Logits of `input_ids` (batch, new) after `cache`, and the cache grown by them; `attention_mask` covers
         the cache and the new tokens."""
         return self.forward(input_ids, attention_mask, position_ids(attention_mask, input_ids.shape[1]), cache)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits (batch, seq, vocab) as float32 and the cache extended by `input_ids`."""
-        # Plain `run`: on CPU it already wraps outputs without copying (their base is onnxruntime's buffer) and
-        # reads contiguous inputs in place, so IOBinding or OrtValue feeds measured no faster (same median).
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                 **dict(zip(self.past_names, cache, strict=True))}
-        logits, *present = _run(self, self.output_names, feeds)
-        return logits.astype(np.float32, copy=False), present
+                cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Logits (batch, seq, vocab) as float32 and the cache extended by `input_ids`: the one passed in, updated,
+        for a shared-buffer graph (a larger one when it was full), new arrays otherwise."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        length = attention_mask.shape[1]
+        if cache.binding is None:
+            # Plain `run`: on CPU it wraps outputs without copying and reads contiguous inputs in place
+            logits, *present = _run(self, ["logits", *self.present_names],
+                                    feeds | dict(zip(self.past_names, cache.arrays, strict=True)))
+            return logits.astype(np.float32, copy=False), KVCache(present, length)
+        if length > cache.capacity:
+            cache = self.empty_cache(len(input_ids), max(length, 2 * cache.capacity), cache)
+        logits = np.empty((*input_ids.shape, self.bundle.vocab_size), self.logits_dtype)
+        for name, value in feeds.items():
+            cache.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        cache.binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        with _one_line_errors(self):
+            self.session.run_with_iobinding(cache.binding)
+        cache.length = length
+        return logits.astype(np.float32, copy=False), cache
+
+    def empty_cache(self, batch: int, capacity: int = 0, filled: KVCache | None = None) -> KVCache:
+        """A cache for `batch` rows: zero positions, or for a shared-buffer graph `capacity` positions bound to
+        past and present (with the tokens of `filled` copied in)."""
+        shape = (batch, self.kv.num_heads, capacity, self.kv.head_dim)
+        arrays = [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
+        if not self.kv.shared_buffer:
+            return KVCache(arrays, 0)
+        if filled is not None:
+            for array, old in zip(arrays, filled.arrays, strict=True):
+                array[:, :, :filled.length] = old[:, :, :filled.length]
+        binding = self.session.io_binding()
+        for past, present, array in zip(self.past_names, self.present_names, arrays, strict=True):
+            binding.bind_input(past, "cpu", 0, array.dtype, shape, array.ctypes.data)
+            binding.bind_output(present, "cpu", 0, array.dtype, shape, array.ctypes.data)
+        return KVCache(arrays, 0 if filled is None else filled.length, binding)
 
 
 class Classifier:
