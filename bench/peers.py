@@ -321,7 +321,8 @@ class LlamaCppModel:
     def _rewind(self, length: int) -> None:
         self.llm.n_tokens = length  # eval() drops cache entries from n_tokens on before it decodes
 
-    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+    def prefill(self, ids: np.ndarray, capacity: int = 0) -> tuple[np.ndarray, int]:
+        """Last-position logits after `ids`; llama.cpp's cache is sized at load (n_ctx): no `capacity`."""
         _one_row(ids)
         self.llm.reset()
         return self._eval(ids[0].tolist()), self.llm.n_tokens
@@ -365,7 +366,8 @@ class GenaiModel:
         params.set_search_options(max_length=self.max_length)
         return self.og.Generator(self.model, params)
 
-    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+    def prefill(self, ids: np.ndarray, capacity: int = 0) -> tuple[np.ndarray, int]:
+        """Last-position logits after `ids`; the generator's buffer holds `max_length`: no `capacity`."""
         _one_row(ids)
         self.generator.rewind_to(0)
         self.generator.append_tokens(ids.astype(np.int32))

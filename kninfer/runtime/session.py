@@ -142,8 +142,7 @@ class CausalLM:
                 capacity: int = 0) -> tuple[np.ndarray, KVCache]:
         """Logits (batch, seq, vocab) of a prompt (left-padded if a batch) and the cache it leaves; a shared-buffer
         cache reserves `capacity` positions (at least the prompt's; it grows when a step needs more)."""
-        shared = self.kv.shared_buffer
-        cache = self.empty_cache(len(input_ids), max(capacity, attention_mask.shape[1]) if shared else 0)
+        cache = self.empty_cache(len(input_ids), max(capacity, attention_mask.shape[1]))
         return self.step(input_ids, attention_mask, cache)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -175,11 +174,12 @@ class CausalLM:
         return logits.astype(np.float32, copy=False), cache
 
     def empty_cache(self, batch: int, capacity: int = 0, filled: KVCache | None = None) -> KVCache:
-        """A cache for `batch` rows: zero positions, or for a shared-buffer graph `capacity` positions bound to
-        past and present (with the tokens of `filled` copied in)."""
-        shape = (batch, self.kv.num_heads, capacity, self.kv.head_dim)
+        """A cache for `batch` rows: for a shared-buffer graph `capacity` positions bound to past and present (with
+        the tokens of `filled` copied in), otherwise zero positions."""
+        shared = self.kv.shared_buffer
+        shape = (batch, self.kv.num_heads, capacity if shared else 0, self.kv.head_dim)
         arrays = [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
-        if not self.kv.shared_buffer:
+        if not shared:
             return KVCache(arrays, 0)
         if filled is not None:
             for array, old in zip(arrays, filled.arrays, strict=True):
