@@ -42,7 +42,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, target: Path) -> None:
 
 def quantize_blocks(model: onnx.ModelProto, target: Path, bits: int) -> None:
     """Block-wise symmetric `bits`-bit weights (MatMulNBits, blocks of BLOCK rows, int8 compute) for the MatMuls
-    whose weight fits whole blocks; smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied
+    whose weight has a block of rows or more (`unblocked_matmuls`); smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied
     table's Gather can read the head's packed bytes as they are (share_packed_tables). MatMuls on one activation
     are merged first (merge_parallel_matmuls)."""
     merge_parallel_matmuls(model.graph)
@@ -87,11 +87,12 @@ def merge_parallel_matmuls(graph: onnx.GraphProto) -> None:
 
 
 def unblocked_matmuls(graph: onnx.GraphProto) -> list[str]:
-    """MatMuls that the block variants leave fp32: those without a 2-D constant right-hand weight of whole BLOCKs of
-    rows (the quantizer would pad a short one, and give an N-D one a Shape-based output reshape)."""
+    """MatMuls that the block variants leave fp32: those without a 2-D constant right-hand weight of at least a
+    BLOCK of rows (the quantizer pads the last block: a Kronecker B factor of 1–2 rows would become 32; an N-D weight
+    would get a Shape-based output reshape)."""
     shapes = {t.name: list(t.dims) for t in graph.initializer if t.data_type == TensorProto.FLOAT}
     return [node.name for node in graph.node if node.op_type == "MatMul"
-            and not (len(shapes.get(node.input[1], [])) == 2 and shapes[node.input[1]][0] % BLOCK == 0)]
+            and not (len(shapes.get(node.input[1], [])) == 2 and shapes[node.input[1]][0] >= BLOCK)]
 
 
 def untie_heads(model: onnx.ModelProto) -> None:
