@@ -42,9 +42,9 @@ def quantize_dynamic_int8(model: onnx.ModelProto, target: Path) -> None:
 
 def quantize_blocks(model: onnx.ModelProto, target: Path, bits: int) -> None:
     """Block-wise symmetric `bits`-bit weights (MatMulNBits, blocks of BLOCK rows, int8 compute) for the MatMuls
-    whose weight has a block of rows or more (`unblocked_matmuls`); smaller ones (Kronecker B factors) stay fp32. Symmetric because then a tied
-    table's Gather can read the head's packed bytes as they are (share_packed_tables). MatMuls on one activation
-    are merged first (merge_parallel_matmuls)."""
+    whose weight has a block of rows or more (`unblocked_matmuls`); smaller ones (Kronecker B factors) stay fp32.
+    Symmetric because then a tied table's Gather can read the head's packed bytes as they are
+    (share_packed_tables). MatMuls on one activation are merged first (merge_parallel_matmuls)."""
     merge_parallel_matmuls(model.graph)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=unblocked_matmuls(model.graph),

@@ -13,8 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kninfer.cli.export import export as export_command
 from kninfer.errors import KninferError
 from kninfer.export import export_bundle, quantize_bundle
-from kninfer.export.quantize import (ACCURACY_LEVEL, BLOCK, merge_parallel_matmuls, quantize_blocks,
-                                     share_packed_tables)
+from kninfer.export.quantize import ACCURACY_LEVEL, BLOCK, merge_parallel_matmuls, quantize_blocks, share_packed_tables
 from kninfer.modeling.compress import compress
 from kninfer.runtime.bundle import read_bundle
 from kninfer.runtime.perplexity import perplexity
@@ -191,7 +190,8 @@ def test_a_partial_last_block_is_quantized_and_a_tiny_factor_is_not(tmp_path, bi
     assert sorted(n.op_type for n in quantized.node) == ["MatMul", "MatMulNBits"]
     assert next(a.i for n in quantized.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "K") == 40
     feeds = {"x": rng.standard_normal((3, 40)).astype(np.float32), "z": rng.standard_normal((3, 2)).astype(np.float32)}
-    got = dict(zip(("o_W40", "o_W2"), ort.InferenceSession(str(tmp_path / "q.onnx")).run(["o_W40", "o_W2"], feeds)))
+    names = ["o_W40", "o_W2"]
+    got = dict(zip(names, ort.InferenceSession(str(tmp_path / "q.onnx")).run(names, feeds), strict=True))
     want = feeds["x"] @ weights["W40"]
     error = np.sqrt(np.mean((got["o_W40"] - want) ** 2)) / want.std()
     print(f"\n{bits} bits: RMS error {error:.4f} of the product's std")
