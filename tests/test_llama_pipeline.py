@@ -66,10 +66,14 @@ def test_export_generate_and_eval_match_pytorch(distilled, tmp_path, text_file, 
     assert runtime_ppl.perplexity == pytest.approx(torch_ppl.perplexity, rel=1e-4)
 
 
-def test_glue_finetune_export_classify(teacher_dir, data_dir, tmp_path):
-    classifier, metrics = finetune(teacher_dir, "sst2", data_dir=data_dir / "glue", max_samples=32, batch_size=8,
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_glue_finetune_export_classify(teacher_dir, distilled, data_dir, tmp_path, name):
+    """The dense Llama and its Kronecker student (whose classifier transformers builds around an AutoModel body)."""
+    model = teacher_dir if name == "teacher" else distilled / "ilkd"
+    classifier, metrics = finetune(model, "sst2", data_dir=data_dir / "glue", max_samples=32, batch_size=8,
                                    max_steps=2, lr=1e-3, max_length=32, out=tmp_path / "clf", **QUIET)
-    assert type(classifier).__name__ == "LlamaForSequenceClassification" and "accuracy" in metrics["dev"]
+    expected = "LlamaForSequenceClassification" if name == "teacher" else "KnLlamaForSequenceClassification"
+    assert type(classifier).__name__ == expected and "accuracy" in metrics["dev"]
     export(tmp_path / "clf", tmp_path / "b" / "model.onnx", task="sequence-classification", **QUIET)
     runtime = kninfer.load(tmp_path / "b")
     _, tokenizer = load(tmp_path / "clf")

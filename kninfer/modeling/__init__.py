@@ -3,6 +3,7 @@
 
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -17,6 +18,7 @@ from kninfer.modeling.modeling_kronecker import (
     KnGPT2LMHeadModel,
     KnLlamaForCausalLM,
     KnLlamaForSequenceClassification,
+    KnLlamaModel,
 )
 
 for config, causal_lm, classifier, tokenizers in (
@@ -27,10 +29,12 @@ for config, causal_lm, classifier, tokenizers in (
     AutoModelForCausalLM.register(config, causal_lm, exist_ok=True)
     AutoModelForSequenceClassification.register(config, classifier, exist_ok=True)
     AutoTokenizer.register(config, *tokenizers, exist_ok=True)
+AutoModel.register(KnLlamaConfig, KnLlamaModel, exist_ok=True)  # the body of Llama's generic sequence classifier
 
 # after the registration: io.py imports this package for it
 from kninfer.modeling.compress import compress  # noqa: E402
 from kninfer.modeling.io import load, save  # noqa: E402
 
 __all__ = ["KnGPT2Config", "KnGPT2ForSequenceClassification", "KnGPT2LMHeadModel", "KnLlamaConfig",
-           "KnLlamaForCausalLM", "KnLlamaForSequenceClassification", "KroneckerSpec", "compress", "load", "save"]
+           "KnLlamaForCausalLM", "KnLlamaForSequenceClassification", "KnLlamaModel", "KroneckerSpec", "compress",
+           "load", "save"]

@@ -10,6 +10,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaModel,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -91,6 +92,13 @@ class KnGPT2ForSequenceClassification(KroneckerModel, GPT2ForSequenceClassificat
 
 class KnLlamaForCausalLM(KroneckerModel, LlamaForCausalLM):
     """Llama causal LM with Kronecker layers."""
+
+    config_class = KnLlamaConfig
+
+
+class KnLlamaModel(LlamaModel):
+    """The body transformers' Llama sequence classifier builds through AutoModel: plain Llama, into which
+    KnLlamaForSequenceClassification then swaps the spec's Kronecker layers (the spec's paths start at it)."""
 
     config_class = KnLlamaConfig
 
