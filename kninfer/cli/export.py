@@ -22,8 +22,8 @@ def export(
                                                         "for benchmarks).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Block-wise 8-bit weights (MatMulNBits, as llama.cpp's "
                                                       "Q8_0: blocks of 32 rows, int8 compute) for the MatMul "
-                                                      "weights with whole blocks, the head included; smaller ones "
-                                                      "stay fp32.")] = False,
+                                                      "weights of a block of rows or more, the head included; "
+                                                      "smaller ones stay fp32.")] = False,
     int4: Annotated[bool, typer.Option("--int4", help="The same with 4-bit weights: smaller and faster, less "
                                                       "accurate.")] = False,
     int8_dynamic: Annotated[bool, typer.Option("--int8-dynamic", help="Dynamic int8 (MatMulInteger: per-channel "
