@@ -75,6 +75,21 @@ def test_an_interrupt_raises_training_interrupted(student_dir, text_file, tmp_pa
     assert (stop.value.step, stop.value.checkpoints) == (2, None)
 
 
+@pytest.mark.filterwarnings("ignore:mtime may not be reliable")
+def test_a_checkpoint_is_a_model_folder_with_its_tokenizer(student_dir, text_file, data_dir, gpt2_tokenizer,
+                                                          tmp_path):
+    trained = distill(student_dir, str(text_file), kd="none", max_steps=2, save_steps=2,
+                      checkpoints=tmp_path / "ckpt", **SHORT_RUN, **QUIET)
+    model, tokenizer = load(tmp_path / "ckpt" / "checkpoint-2")
+    text = "The state of the Union is strong."
+    assert tokenizer(text)["input_ids"] == gpt2_tokenizer(text)["input_ids"]
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    _, metrics = finetune(tmp_path / "ckpt" / "checkpoint-2", "sst2", data_dir=data_dir / "glue", max_samples=16,
+                          batch_size=8, max_steps=1, max_length=32, **QUIET)  # needs the checkpoint's tokenizer
+    assert 0 <= metrics["dev"]["accuracy"] <= 1
+
+
 def test_finetune_metrics_equal_evaluate_glue_on_the_saved_classifier(tiny_teacher_dir, data_dir, tmp_path):
     glue = data_dir / "glue"
     classifier, metrics = finetune(tiny_teacher_dir, "sst2", data_dir=glue, max_samples=64, batch_size=16,

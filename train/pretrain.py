@@ -61,7 +61,7 @@ def pretrain(
     eval_source = eval_data or (data if Path(data).is_dir() else None)
     eval_blocks = lm_blocks(load_lm_text(eval_source, "valid"), tokenizer, block_size) if eval_source else None
     trainer = fit(
-        model, train_blocks, checkpoints_beside(out), eval_dataset=eval_blocks, resume="auto",
+        model, train_blocks, checkpoints_beside(out), eval_dataset=eval_blocks, resume="auto", tokenizer=tokenizer,
         per_device_train_batch_size=batch_size, learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps,
         lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.1, adam_beta2=0.95, logging_steps=20,
         save_steps=200, save_total_limit=1, eval_strategy="epoch" if eval_blocks is not None else "no",

@@ -239,7 +239,7 @@ def _train(model: PreTrainedModel, dataset: Dataset, out: str | Path | None, tok
            checkpoints: str | Path | None, overwrite: bool, log: Log, **fit_options: Any) -> PreTrainedModel:
     """Train with `fit`, then save the model (with its tokenizer) to `out` when given."""
     with _checkpoint_folder(out, checkpoints) as folder:
-        trained = fit(model, dataset, folder, **fit_options).model
+        trained = fit(model, dataset, folder, tokenizer=tokenizer, **fit_options).model
     if out is not None:
         save(trained, out, tokenizer, overwrite=overwrite)
         log(f"wrote {out}")

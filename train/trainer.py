@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from kninfer.errors import KninferError
 from kninfer.modeling.families import dims
@@ -177,8 +177,10 @@ def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: PreTrainedModel | None = None,
         kd: str = "none", recipe: Recipe | None = None, temperature: float = 2.0,
         collator: Any = None, eval_dataset: Any = None, resume: bool | Literal["auto"] = False,
-        callbacks: list[TrainerCallback] | None = None, **options: Any) -> DistillTrainer:
+        callbacks: list[TrainerCallback] | None = None, tokenizer: Any = None, **options: Any) -> DistillTrainer:
     """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
+
+    With `tokenizer`, each checkpoint-N folder holds it too: a checkpoint loads, fine-tunes and exports as a model.
 
     With `resume`, training continues from the last complete `checkpoint-N` there (same optimizer, scheduler,
     RNG and data position): True requires one, "auto" uses one if there is. `eval_dataset` is scored by the
@@ -190,8 +192,8 @@ def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: Pre
                                 "use_cpu": not gpu, "dataloader_pin_memory": gpu}
     args = TrainingArguments(output_dir=str(checkpoints), **(defaults | options))
     trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                             data_collator=collator, callbacks=callbacks, teacher=teacher, kd=kd, recipe=recipe,
-                             temperature=temperature)
+                             data_collator=collator or default_data_collator, callbacks=callbacks,
+                             processing_class=tokenizer, teacher=teacher, kd=kd, recipe=recipe, temperature=temperature)
     checkpoint = last_checkpoint(checkpoints) if resume else None
     if resume is True and checkpoint is None:
         raise KninferError(f"--resume: no complete checkpoint-N folder in '{checkpoints}'")
