@@ -5,7 +5,7 @@
     python bench/trained.py --teacher kninfer/data/sotu-gpt2 --name miniature --runs kngpt2-ilkd distil-vanilla \
         kngpt2-ilkd-paper kngpt2-lm --init van-loan --window 256 --batch-size 16 --lr 5e-4 --points 0 614400 \
         --tests $KNINFER_DATA/sotu/test.txt --tokens 40000          # the recipes on the paper's students, in miniature
-    python bench/trained.py ... (as above) --runs svd --ratio 0.7032 --init calibrated  # low rank at Distil's size
+    python bench/trained.py ... (as above) --runs svd auto --ratio 0.7032 --init calibrated  # at Distil's size
 
 Each student is built once (`kninfer.modeling.compress` with its preset at --ratio of the teacher's parameters,
 calibrated on --calib tokens of WikiText-2 *valid* unless --init says otherwise) and saved under --work; then each
@@ -16,7 +16,8 @@ on the first --tokens of each --tests text (windows of --window, stride --window
 last checkpoint; finished points are kept.
 
 Runs (RUNS): kronecker — low rank (A (out, 1) ⊗ B (1, in) × r) on the MLP maps of the odd blocks (`odd-mlp`), the
-best student at 85% before training (bench/results/quality-smollm2.md); svd — low rank on every block map; drop —
+best student at 85% before training (bench/results/quality-smollm2.md); svd — low rank on every block map; auto —
+shape and rank per map by calibrated output error (the embedded GPT-2's best at 70%, quality-miniature.md); drop —
 the blocks of least influence dropped (ShortGPT); each with the loss a user gets by default: ILKD in kninfer's
 recipe (relative hidden-state error + CE, train/losses.py) where the student's layers pair with the teacher's,
 vanilla KD (soft targets + CE) where they do not. The kngpt2-* and distil-* runs compare recipes on the paper's
@@ -50,6 +51,7 @@ RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default
     "kronecker": ("odd-mlp", "ilkd", None),
     "kronecker-vanilla": ("odd-mlp", "vanilla", None),
     "svd": ("svd", "ilkd", None),
+    "auto": ("auto", "ilkd", None),
     "drop": ("drop", "vanilla", None),
     "kngpt2-ilkd": ("kngpt2", "ilkd", None),
     "kngpt2-ilkd-paper": ("kngpt2", "ilkd", "paper"),
