@@ -6,14 +6,15 @@
         kngpt2-ilkd-paper kngpt2-lm --init van-loan --window 256 --batch-size 16 --lr 5e-4 --points 0 614400 \
         --tests $KNINFER_DATA/sotu/test.txt --tokens 40000          # the recipes on the paper's students, in miniature
     python bench/trained.py ... (as above) --runs svd auto --ratio 0.7032 --init calibrated  # at Distil's size
+    python bench/trained.py ... (as above) --runs auto distil-vanilla --seed 1 --name miniature-seed1  # another draw
 
 Each student is built once (`kninfer.modeling.compress` with its preset at --ratio of the teacher's parameters,
 calibrated on --calib tokens of WikiText-2 *valid* unless --init says otherwise) and saved under --work; then each
 run distils it on --data (default the State of the Union train text) with the same batch, block size, learning
-rate, seed and data order, the learning rate constant after its warm-up so that the model at each point of
---points (tokens seen) is a snapshot of one run, not a run of its own length. At each point the student is scored
-on the first --tokens of each --tests text (windows of --window, stride --window). A stopped run resumes from its
-last checkpoint; finished points are kept.
+rate and seed (--seed: data order and dropout), the learning rate constant after its warm-up so that the model at
+each point of --points (tokens seen) is a snapshot of one run, not a run of its own length. At each point the
+student is scored on the first --tokens of each --tests text (windows of --window, stride --window). A stopped run
+resumes from its last checkpoint; finished points are kept.
 
 Runs (RUNS): kronecker — low rank (A (out, 1) ⊗ B (1, in) × r) on the MLP maps of the odd blocks (`odd-mlp`), the
 best student at 85% before training (bench/results/quality-smollm2.md); svd — low rank on every block map; auto —
@@ -85,12 +86,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="Training seed: data order and dropout.")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     teacher, tokenizer = load(args.teacher)
     teacher.eval()
     step_tokens = args.batch_size * args.window
@@ -100,7 +102,7 @@ def main() -> None:
     protocol = {"teacher": args.teacher, "data": args.data.name, "calibration": args.calib.name,
                 "tests": [path.name for path in args.tests], "tokens": args.tokens, "window": args.window,
                 "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
-                "schedule": "constant after warm-up", "seed": 0}
+                "schedule": "constant after warm-up", "seed": args.seed}
     results = json.loads(out.read_text()) if out.is_file() else {}
     if results.get("protocol") != protocol:
         results = {"protocol": protocol, "rows": [], "training_s": {}}
@@ -115,7 +117,7 @@ def main() -> None:
         preset, kd, alphas = RUNS[run]
         name = f"{run}-{args.ratio:g}" if preset in SIZED else run  # e.g. kronecker-0.8: one name per student
         init = None if preset in ("drop", "distil") else args.init
-        key = f"{name}-{init or 'dense'}"  # its checkpoints and its training time
+        key = f"{name}-{init or 'dense'}" + (f"-seed{args.seed}" if args.seed else "")  # checkpoints, training time
         recipe = loss_recipe(kd, alphas, finetune=False)
         initial = build(preset, teacher, tokenizer, args)
         parameters = count_parameters(initial)
@@ -129,7 +131,7 @@ def main() -> None:
                         block_size=args.window, batch_size=args.batch_size, lr=args.lr,
                         max_steps=point // step_tokens, save_steps=12, logging_steps=10,
                         checkpoints=args.work / f"{key}.checkpoints", resume="auto",
-                        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps)
+                        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, seed=args.seed)
                 results["training_s"][key] = results["training_s"].get(key, 0.0) + time.perf_counter() - started
             seconds = results["training_s"].get(key, 0.0) if point else 0.0
             row = {"student": name, "preset": preset, "init": init, "kd": kd, "recipe": asdict(recipe)}
@@ -175,8 +177,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Quality after equal training: {protocol['teacher']}", "",
              f"Students (a sized preset's --ratio after its name) distilled on {protocol['data']} "
              f"(batch {protocol['batch_size']} × {protocol['window']} tokens, LR {protocol['lr']:g} "
-             f"{protocol['schedule']} of {protocol['warmup_steps']} steps, seed 0); perplexity on the first "
-             f"{protocol['tokens']:,} tokens of each test text, windows of {protocol['window']}.", "",
+             f"{protocol['schedule']} of {protocol['warmup_steps']} steps, seed {protocol['seed']}); perplexity on "
+             f"the first {protocol['tokens']:,} tokens of each test text, windows of {protocol['window']}.", "",
              "| student | init | loss | parameters | of teacher | tokens seen | training time | " + " | ".join(tests)
              + " |", "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(tests)]
     for row in sorted(results["rows"], key=lambda r: (r["student"] != "teacher", r["student"], r["tokens"])):
