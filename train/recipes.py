@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, default_data_collator
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from kninfer.atomic import write_text
 from kninfer.errors import KninferError
@@ -85,7 +85,7 @@ def distill(
     log(f"{len(blocks):,} blocks of {len(blocks[0]['input_ids'])} tokens; kd={kd} {_describe(kd, recipe)}")
     return _train(model, blocks, out, tokenizer, checkpoints, overwrite, log,
                   teacher=teacher_model if kd != "none" else None, kd=kd, recipe=recipe, temperature=temperature,
-                  collator=default_data_collator, resume=resume, **options)
+                  resume=resume, **options)
 
 
 def finetune(
