@@ -59,9 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if any("=" not in spec for spec in args.models) or not args.models[0].startswith("teacher="):
+        parser.error("--models: NAME=MODEL each, the first teacher=MODEL")
     args.models = dict(spec.split("=", 1) for spec in args.models)
-    if next(iter(args.models)) != "teacher":
-        parser.error("--models: the first must be teacher=MODEL")
     return args
 
 
