@@ -27,7 +27,7 @@ from reproduce import glue_score  # bench/ is on the path when this runs as a sc
 
 from kninfer.atomic import write_text
 from kninfer.train import finetune
-from kninfer.train.losses import Recipe
+from kninfer.train.losses import KNINFER_PRETRAIN
 from kninfer.train.trainer import checkpoints_beside
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +35,7 @@ LOSSES = {  # name -> (kd mode, alphas: None for the mode's default)
     "ce": ("none", None),
     "vanilla": ("vanilla", None),
     "ilkd": ("ilkd", None),
-    "ilkd-relative": ("ilkd", Recipe({"embedding": 0, "attention": 0, "hidden": 1, "ce": 1}, "relative")),
+    "ilkd-relative": ("ilkd", KNINFER_PRETRAIN),  # distill's default recipe, on a fine-tuning
 }
 
 
