@@ -48,17 +48,18 @@ from kninfer.train.losses import loss_recipe
 
 HERE = Path(__file__).resolve().parent
 SIZED = ("odd-mlp", "svd", "drop", "auto", "krony-pt")  # presets whose student size --ratio sets
-RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default, or "paper")
-    "kronecker": ("odd-mlp", "ilkd", None),
-    "kronecker-vanilla": ("odd-mlp", "vanilla", None),
-    "svd": ("svd", "ilkd", None),
-    "auto": ("auto", "ilkd", None),
-    "drop": ("drop", "vanilla", None),
-    "kngpt2-ilkd": ("kngpt2", "ilkd", None),
-    "kngpt2-ilkd-paper": ("kngpt2", "ilkd", "paper"),
-    "kngpt2-vanilla": ("kngpt2", "vanilla", None),
-    "kngpt2-lm": ("kngpt2", "none", None),
-    "distil-vanilla": ("distil", "vanilla", None),
+RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default, or "paper"; blocks dropped first)
+    "kronecker": ("odd-mlp", "ilkd", None, 0),
+    "kronecker-vanilla": ("odd-mlp", "vanilla", None, 0),
+    "drop4-kronecker": ("odd-mlp", "vanilla", None, 4),
+    "svd": ("svd", "ilkd", None, 0),
+    "auto": ("auto", "ilkd", None, 0),
+    "drop": ("drop", "vanilla", None, 0),
+    "kngpt2-ilkd": ("kngpt2", "ilkd", None, 0),
+    "kngpt2-ilkd-paper": ("kngpt2", "ilkd", "paper", 0),
+    "kngpt2-vanilla": ("kngpt2", "vanilla", None, 0),
+    "kngpt2-lm": ("kngpt2", "none", None, 0),
+    "distil-vanilla": ("distil", "vanilla", None, 0),
 }
 
 
@@ -114,12 +115,12 @@ def main() -> None:
     done = {(row["student"], row["init"], row["tokens"]) for row in results["rows"]}
     out.with_suffix(".md").write_text(markdown(results))  # also after a change to the report alone
     for run in args.runs:
-        preset, kd, alphas = RUNS[run]
+        preset, kd, alphas, drop = RUNS[run]
         name = f"{run}-{args.ratio:g}" if preset in SIZED else run  # e.g. kronecker-0.8: one name per student
         init = None if preset in ("drop", "distil") else args.init
         key = f"{name}-{init or 'dense'}" + (f"-seed{args.seed}" if args.seed else "")  # checkpoints, training time
         recipe = loss_recipe(kd, alphas, finetune=False)
-        initial = build(preset, teacher, tokenizer, args)
+        initial = build(preset, drop, teacher, tokenizer, args)
         parameters = count_parameters(initial)
         for point in sorted(args.points):
             if (name, init, point) in done:
@@ -138,15 +139,17 @@ def main() -> None:
             record(results, out, row | score(student, parameters, point, seconds, tests, args.window))
 
 
-def build(preset: str, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
-    """The student of `preset` at initialisation, compressed once and then read back from --work."""
+def build(preset: str, drop: int, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
+    """The student of `preset` (after `drop` blocks) at initialisation, compressed once and then read back from
+    --work."""
     sized = preset in SIZED
-    folder = args.work / (f"{preset}-{args.ratio:g}-{args.init}-init" if sized else f"{preset}-{args.init}-init")
+    stem = f"drop{drop}-{preset}" if drop else preset
+    folder = args.work / (f"{stem}-{args.ratio:g}-{args.init}-init" if sized else f"{stem}-{args.init}-init")
     if not (folder / "config.json").is_file():
-        calibrated = args.init == "calibrated" or preset == "drop"  # drop ranks blocks on the calibration text
+        calibrated = args.init == "calibrated" or preset == "drop" or drop  # blocks ranked on the calibration text
         calibration = calibration_ids(str(args.calib), tokenizer, 8192, args.window) if calibrated else None
         size = {"ratio": args.ratio} if sized else {}
-        student, _ = compress(teacher, preset, init=None if preset in ("drop", "distil") else args.init,
+        student, _ = compress(teacher, preset, init=None if preset in ("drop", "distil") else args.init, drop=drop,
                               calibration=calibration, **size)
         save(student, folder, tokenizer, overwrite=True)
     return load(folder)[0]

@@ -150,6 +150,30 @@ def test_drop_removes_the_block_that_does_nothing(tiny_llama):
         assert torch.allclose(student(ids).logits, teacher(ids).logits, atol=1e-5)
 
 
+def test_drop_then_factor_drops_the_idle_block_and_factors_the_renumbered_rest(tiny_llama):
+    teacher = copy.deepcopy(tiny_llama)
+    with torch.no_grad():  # block 2 adds nothing to the residual stream: the one to drop
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    block = sum(p.numel() for p in teacher.model.layers[0].parameters())
+    maps = sum(p.numel() for p in teacher.model.layers[1].mlp.parameters())
+    target = count_parameters(teacher) - block - maps // 2
+    student, rows = compress(teacher, "odd-mlp", drop=1, target_params=target, calibration=ids)
+    assert [(row.path, row.after) for row in rows[:1]] == [("model.layers.2", "dropped")]
+    assert sorted(row.path for row in rows[1:]) == [f"model.layers.1.mlp.{name}" for name in ("down_proj", "gate_proj",
+                                                                                              "up_proj")]
+    assert len(student.model.layers) == 3 and abs(count_parameters(student) - target) <= maps * 0.02
+    for kept, original in ((0, 0), (1, 1), (2, 3)):  # attention copied from the teacher's block, renumbered
+        assert torch.equal(student.model.layers[kept].self_attn.q_proj.weight,
+                           teacher.model.layers[original].self_attn.q_proj.weight)
+    assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    with pytest.raises(KninferError, match="only drops blocks"):
+        compress(teacher, "drop", drop=1, calibration=ids)
+    with pytest.raises(KninferError, match="between 1 and 3"):
+        compress(teacher, "odd-mlp", drop=4, calibration=ids)
+
+
 @pytest.mark.parametrize("preset", ["auto", "svd"])
 @pytest.mark.parametrize("model", ["tiny_teacher", "tiny_llama"])
 def test_budget_presets_land_on_the_target(preset, model, request):

@@ -187,6 +187,8 @@ def test_compress_cli(tmp_path, tiny_teacher_dir):
 @pytest.mark.parametrize("args, message", [
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--teacher", "/no/such/dir"], "/no/such/dir"),
+    (["--preset", "distil", "--drop", "1"], "preset distil only drops blocks"),
+    (["--drop", "99"], "--drop must be between 1 and"),
 ])
 def test_compress_cli_errors(tmp_path, tiny_teacher_dir, args, message):
     base = {"--teacher": str(tiny_teacher_dir), "--preset": "kngpt2", "--out": str(tmp_path / "s.pt")}

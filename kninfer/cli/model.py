@@ -37,6 +37,9 @@ def compress(
     rank: Annotated[int, typer.Option(help="krony-pt: Kronecker rank of each MLP map.", min=1)] = 1,
     odd_base: Annotated[int, typer.Option(help="kngpt2, odd-mlp: count layers from 0 (1, 3, 5, ...) or 1 (0, 2, "
                                                "4, ...).")] = 0,
+    drop: Annotated[int, typer.Option(help="Blocks to drop before the preset factors the rest (those of least "
+                                           "influence on --calib; without it spread evenly); --ratio and "
+                                           "--target-params hold for the whole student.", min=0)] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a dense GPT-2 or Llama into a Kronecker student: factors from the nearest Kronecker product, or fitted
@@ -55,8 +58,8 @@ def compress(
         calibration = calibration_ids(calib, tokenizer, calib_tokens, min(512, dims(dense.config).context))
     with console.status(f"factoring with preset {preset}") as status:
         student, rows = modeling.compress(dense, preset, tie_head=tie_head, init=init, target_params=target_params,
-                                          ratio=ratio, rank=rank, odd_base=odd_base, calibration=calibration,
-                                          progress=status.update)
+                                          ratio=ratio, rank=rank, odd_base=odd_base, drop=drop,
+                                          calibration=calibration, progress=status.update)
     print_layers(rows, count_parameters(dense), count_parameters(student), count_parameters(student, False))
     modeling.save(student, out, tokenizer, overwrite=overwrite)
     console.print(f"wrote {out}")

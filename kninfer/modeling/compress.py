@@ -44,7 +44,7 @@ class LayerRow:
 
 def compress(
     teacher: PreTrainedModel, preset: str | KroneckerSpec, *, tie_head: bool | None = None, init: str | None = None,
-    target_params: int | None = None, ratio: float | None = None, rank: int = 1, odd_base: int = 0,
+    target_params: int | None = None, ratio: float | None = None, rank: int = 1, odd_base: int = 0, drop: int = 0,
     calibration: torch.Tensor | None = None, progress: Callable[[str], None] | None = None,
 ) -> tuple[PreTrainedModel, list[LayerRow]]:
     """A student built from `teacher` by `preset` (a name in PRESETS, a JSON spec file or a KroneckerSpec).
@@ -52,7 +52,8 @@ def compress(
     The student's size is `target_params` or `ratio` of the teacher's for krony-pt, auto, svd, odd-mlp and drop.
     `calibration` (N, T) token ids make `calibrated` the default init: the maps in blocks fitted to the teacher's
     outputs on them (calibrate.py); without them the init is Van Loan's (Krony-PT's rescaled variant for krony-pt).
-    auto needs them."""
+    auto needs them. `drop` blocks (of least influence on the calibration text) are removed first and the preset
+    factors the blocks left, renumbered, for the same budget."""
     family = family_of(teacher.config)
     if type(teacher) is not family.causal_lm:
         raise KninferError(f"the teacher must be a dense {family.name} causal LM ({family.causal_lm.__name__}), "
@@ -61,11 +62,17 @@ def compress(
     target_params = _target(teacher, target_params, ratio)
     budget = target_params or round(BUDGET_FRACTION * count_parameters(teacher))
     tie_head = bool(teacher.config.tie_word_embeddings) if tie_head is None else tie_head
+    if drop:
+        teacher, dropped_rows = _drop_first(teacher, preset, drop, calibration)
+        student, rows = compress(teacher, preset, tie_head=tie_head, init=init, target_params=budget, rank=rank,
+                                 odd_base=odd_base, calibration=calibration, progress=progress)
+        return student, dropped_rows + rows
     if isinstance(preset, KroneckerSpec):
         spec = preset
     elif preset in ("distil", "drop"):
         layers = dims(teacher.config).layers
-        dropped = dropped_layers(teacher, budget, calibration) if preset == "drop" else range(1, layers, 2)
+        dropped = (dropped_layers(teacher, _blocks_for(teacher, budget), calibration) if preset == "drop"
+                   else range(1, layers, 2))
         return drop_layers(teacher, [i for i in range(layers) if i not in dropped])
     elif preset == "kngpt2":
         spec = kngpt2_spec(teacher, odd_base=odd_base, tie_head=tie_head)
@@ -125,18 +132,34 @@ def factor(teacher: PreTrainedModel, spec: KroneckerSpec, init: str) -> tuple[Pr
     return student, rows
 
 
-def dropped_layers(teacher: PreTrainedModel, target_params: int, calibration: torch.Tensor | None) -> list[int]:
-    """The blocks to drop for a student of about `target_params`: those of least block influence on the calibration
-    text (ShortGPT), or without it spread evenly between the first and last block (both always kept)."""
-    family = family_of(teacher.config)
+def dropped_layers(teacher: PreTrainedModel, count: int, calibration: torch.Tensor | None) -> list[int]:
+    """The `count` blocks to drop: those of least block influence on the calibration text (ShortGPT), or without it
+    spread evenly between the first and last block (both always kept)."""
     layers = dims(teacher.config).layers
-    block = _count(teacher.get_submodule(family.block(0)))
-    count = min(max(round((count_parameters(teacher) - target_params) / block), 1), layers - 1)
     if calibration is not None:
         influence = block_influence(teacher, calibration)
         return sorted(sorted(range(layers), key=influence.__getitem__)[:count])
     inner = torch.linspace(1, layers - 2, count).round().int().tolist() if layers > 2 else [layers - 1]
     return sorted(set(inner))
+
+
+def _blocks_for(teacher: PreTrainedModel, target_params: int) -> int:
+    """How many whole blocks to drop for a student of about `target_params` (at least one, never every block)."""
+    block = _count(teacher.get_submodule(family_of(teacher.config).block(0)))
+    return min(max(round((count_parameters(teacher) - target_params) / block), 1), dims(teacher.config).layers - 1)
+
+
+def _drop_first(teacher: PreTrainedModel, preset: str | KroneckerSpec, count: int,
+                calibration: torch.Tensor | None) -> tuple[PreTrainedModel, list[LayerRow]]:
+    """The teacher without its `count` blocks of least influence, and the report rows of those dropped."""
+    layers = dims(teacher.config).layers
+    if preset in ("drop", "distil"):
+        raise KninferError(f"--drop removes blocks before a factoring preset; preset {preset} only drops blocks")
+    if not 0 < count < layers:
+        raise KninferError(f"--drop must be between 1 and {layers - 1} (the teacher has {layers} blocks), got {count}")
+    dropped = dropped_layers(teacher, count, calibration)
+    smaller, rows = drop_layers(teacher, [i for i in range(layers) if i not in dropped])
+    return smaller, [row for row in rows if row.params_after == 0]
 
 
 def drop_layers(teacher: PreTrainedModel, keep: list[int]) -> tuple[PreTrainedModel, list[LayerRow]]:
