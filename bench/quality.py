@@ -13,7 +13,8 @@ blocks of --window. Methods:
 - krony-pt: MLP maps, one shape, with Van Loan (rescaled, Krony-PT's) and with the calibrated fit;
 - svd: every block map at one relative low rank, plain SVD and activation-aware (calibrated); and activation-aware
   on the MLP maps of every other block only (odd blocks, as the paper's pattern; where the budget allows);
-- drop: whole blocks of least influence on the calibration text dropped (ShortGPT);
+- drop: whole blocks of least influence on the calibration text dropped (ShortGPT); and 4 such blocks dropped
+  before low rank on the odd blocks' MLP maps makes up the rest of the budget (`--drop 4 --preset odd-mlp`);
 - the paper's kngpt2 preset (its own size) once, with Van Loan and calibrated.
 Results are written after each model to bench/results/quality-NAME.{json,md,png}; a rerun with the same protocol
 continues where the last one stopped, one with another protocol starts afresh.
@@ -46,6 +47,7 @@ METHODS = {  # name -> compress() keywords; "calibrated" methods get the calibra
     "krony-pt (van-loan-rescaled)": {"preset": "krony-pt", "init": "van-loan-rescaled"},
     "svd (plain)": {"preset": "svd", "init": "van-loan"},
     "svd (activation-aware, odd-block MLPs)": {"preset": "odd-mlp", "init": "calibrated"},
+    "drop 4 blocks, then odd-block MLPs low rank": {"preset": "odd-mlp", "init": "calibrated", "drop": 4},
 }
 PAPER = {"kngpt2 (paper, van-loan)": {"preset": "kngpt2", "init": "van-loan"},
          "kngpt2 (paper, calibrated)": {"preset": "kngpt2", "init": "calibrated"}}
@@ -97,7 +99,7 @@ def main() -> None:
             uses_calibration = options.get("init") == "calibrated" or options["preset"] == "drop"
             try:
                 model, _ = compress(teacher, options["preset"], init=options.get("init"), ratio=ratio,
-                                    calibration=calibration if uses_calibration else None)
+                                    drop=options.get("drop", 0), calibration=calibration if uses_calibration else None)
             except KninferError as error:  # odd-mlp: a budget beyond what the odd blocks' MLP maps can give
                 print(f"{method} at {ratio}: {error}")
                 continue
