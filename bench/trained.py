@@ -14,7 +14,8 @@ run distils it on --data (default the State of the Union train text) with the sa
 rate and seed (--seed: data order and dropout), the learning rate constant after its warm-up so that the model at
 each point of --points (tokens seen) is a snapshot of one run, not a run of its own length. At each point the
 student is scored on the first --tokens of each --tests text (windows of --window, stride --window). A stopped run
-resumes from its last checkpoint; finished points are kept.
+resumes from its last checkpoint (one per --lr); finished points are kept. With a GPU, training and scoring run
+there (compression stays on the CPU).
 
 Runs (RUNS): kronecker — low rank (A (out, 1) ⊗ B (1, in) × r) on the MLP maps of the odd blocks (`odd-mlp`), the
 best student at 85% before training (bench/results/quality-smollm2.md); svd — low rank on every block map; auto —
@@ -88,12 +89,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="Training seed: data order and dropout.")
+    parser.add_argument("--save-steps", type=int, default=12,
+                        help="Checkpoint every N steps (a checkpoint is also kept at each point).")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Trainer trains on the GPU when there is one
     teacher, tokenizer = load(args.teacher)
     teacher.eval()
     step_tokens = args.batch_size * args.window
@@ -109,35 +113,36 @@ def main() -> None:
         results = {"protocol": protocol, "rows": [], "training_s": {}}
     tests = {path.name: torch.tensor(tokenizer(eval_text(str(path)), verbose=False)["input_ids"][: args.tokens])
              for path in args.tests}
+    done = {(row["student"], row["init"], row["tokens"]) for row in results["rows"]}
+    # every student is built before any training: compression runs on the CPU, training moves the teacher
+    initials = {run: build(RUNS[run][0], RUNS[run][3], teacher, tokenizer, args) for run in args.runs}
+    teacher.to(device)
     if not any(row["student"] == "teacher" for row in results["rows"]):
         row = {"student": "teacher", "preset": None, "init": None, "kd": None, "recipe": None}
         record(results, out, row | score(teacher, count_parameters(teacher), 0, 0.0, tests, args.window))
-    done = {(row["student"], row["init"], row["tokens"]) for row in results["rows"]}
     out.with_suffix(".md").write_text(markdown(results))  # also after a change to the report alone
-    for run in args.runs:
-        preset, kd, alphas, drop = RUNS[run]
+    for run, initial in initials.items():
+        preset, kd, alphas, _ = RUNS[run]
         name = f"{run}-{args.ratio:g}" if preset in SIZED else run  # e.g. kronecker-0.8: one name per student
         init = None if preset in ("drop", "distil") else args.init
         key = f"{name}-{init or 'dense'}" + (f"-seed{args.seed}" if args.seed else "")  # checkpoints, training time
         recipe = loss_recipe(kd, alphas, finetune=False)
-        initial = build(preset, drop, teacher, tokenizer, args)
         parameters = count_parameters(initial)
+        student = initial.to(device)
         for point in sorted(args.points):
             if (name, init, point) in done:
                 continue
-            student = initial
             if point:  # resumes the last checkpoint (weights, optimizer, data position) and trains up to the point
                 started = time.perf_counter()
                 distill(student, str(args.data), teacher=teacher, tokenizer=tokenizer, kd=kd, alphas=recipe,
                         block_size=args.window, batch_size=args.batch_size, lr=args.lr,
-                        max_steps=point // step_tokens, save_steps=12, logging_steps=10,
-                        checkpoints=args.work / f"{key}.checkpoints", resume="auto",
+                        max_steps=point // step_tokens, save_steps=args.save_steps, logging_steps=10,
+                        checkpoints=args.work / f"{key}-lr{args.lr:g}.checkpoints", resume="auto",
                         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, seed=args.seed)
                 results["training_s"][key] = results["training_s"].get(key, 0.0) + time.perf_counter() - started
             seconds = results["training_s"].get(key, 0.0) if point else 0.0
             row = {"student": name, "preset": preset, "init": init, "kd": kd, "recipe": asdict(recipe)}
             record(results, out, row | score(student, parameters, point, seconds, tests, args.window))
-
 
 def build(preset: str, drop: int, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     """The student of `preset` (after `drop` blocks) at initialisation, compressed once and then read back from
