@@ -144,6 +144,7 @@ def main() -> None:
             row = {"student": name, "preset": preset, "init": init, "kd": kd, "recipe": asdict(recipe)}
             record(results, out, row | score(student, parameters, point, seconds, tests, args.window))
 
+
 def build(preset: str, drop: int, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     """The student of `preset` (after `drop` blocks) at initialisation, compressed once and then read back from
     --work."""
