@@ -20,7 +20,8 @@ there (compression stays on the CPU).
 Runs (RUNS): kronecker — low rank (A (out, 1) ⊗ B (1, in) × r) on the MLP maps of the odd blocks (`odd-mlp`), the
 best student at 85% before training (bench/results/quality-smollm2.md); svd — low rank on every block map; auto —
 shape and rank per map by calibrated output error (the embedded GPT-2's best at 70%, quality-miniature.md); drop —
-the blocks of least influence dropped (ShortGPT); each with the loss a user gets by default: ILKD in kninfer's
+the blocks of least influence dropped (ShortGPT); dropN-kronecker — N such blocks dropped, then kronecker for the
+rest of the budget; each with the loss a user gets by default: ILKD in kninfer's
 recipe (relative hidden-state error + CE, train/losses.py) where the student's layers pair with the teacher's,
 vanilla KD (soft targets + CE) where they do not. The kngpt2-* and distil-* runs compare recipes on the paper's
 students. Results: bench/results/trained-NAME.{json,md,png}.
@@ -53,6 +54,7 @@ RUNS = {  # name -> (compress preset, KD mode, loss recipe: None for the default
     "kronecker": ("odd-mlp", "ilkd", None, 0),
     "kronecker-vanilla": ("odd-mlp", "vanilla", None, 0),
     "drop4-kronecker": ("odd-mlp", "vanilla", None, 4),
+    "drop5-kronecker": ("odd-mlp", "vanilla", None, 5),
     "svd": ("svd", "ilkd", None, 0),
     "auto": ("auto", "ilkd", None, 0),
     "drop": ("drop", "vanilla", None, 0),
