@@ -2,6 +2,7 @@
 
     python bench/trained.py --teacher ~/.cache/kninfer/smollm2/dense          # resumable: rerun to continue
     python bench/trained.py --teacher ... --points 49152 196608 --runs kronecker drop
+    python bench/trained.py --teacher ... --runs drop4-kronecker --factor-lr 1e-3 --name smollm2-factor-lr1e-3
     python bench/trained.py --teacher kninfer/data/sotu-gpt2 --name miniature --runs kngpt2-ilkd distil-vanilla \
         kngpt2-ilkd-paper kngpt2-lm --init van-loan --window 256 --batch-size 16 --lr 5e-4 --points 0 614400 \
         --tests $KNINFER_DATA/sotu/test.txt --tokens 40000          # the recipes on the paper's students, in miniature
@@ -89,6 +90,7 @@ def parse_args() -> argparse.Namespace:
                         help="Tokens seen at which each student is scored (multiples of batch × window).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--factor-lr", type=float, help="Learning rate of the Kronecker factors (default: --lr).")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="Training seed: data order and dropout.")
     parser.add_argument("--save-steps", type=int, default=12,
@@ -110,6 +112,8 @@ def main() -> None:
                 "tests": [path.name for path in args.tests], "tokens": args.tokens, "window": args.window,
                 "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
                 "schedule": "constant after warm-up", "seed": args.seed}
+    if args.factor_lr:
+        protocol["factor_lr"] = args.factor_lr
     results = json.loads(out.read_text()) if out.is_file() else {}
     if results.get("protocol") != protocol:
         results = {"protocol": protocol, "rows": [], "training_s": {}}
@@ -123,6 +127,7 @@ def main() -> None:
         row = {"student": "teacher", "preset": None, "init": None, "kd": None, "recipe": None}
         record(results, out, row | score(teacher, count_parameters(teacher), 0, 0.0, tests, args.window))
     out.with_suffix(".md").write_text(markdown(results))  # also after a change to the report alone
+    lrs = f"lr{args.lr:g}" + (f"-factor-lr{args.factor_lr:g}" if args.factor_lr else "")
     for run, initial in initials.items():
         preset, kd, alphas, _ = RUNS[run]
         name = f"{run}-{args.ratio:g}" if preset in SIZED else run  # e.g. kronecker-0.8: one name per student
@@ -137,9 +142,9 @@ def main() -> None:
             if point:  # resumes the last checkpoint (weights, optimizer, data position) and trains up to the point
                 started = time.perf_counter()
                 distill(student, str(args.data), teacher=teacher, tokenizer=tokenizer, kd=kd, alphas=recipe,
-                        block_size=args.window, batch_size=args.batch_size, lr=args.lr,
+                        block_size=args.window, batch_size=args.batch_size, lr=args.lr, factor_lr=args.factor_lr,
                         max_steps=point // step_tokens, save_steps=args.save_steps, logging_steps=10,
-                        checkpoints=args.work / f"{key}-lr{args.lr:g}.checkpoints", resume="auto",
+                        checkpoints=args.work / f"{key}-{lrs}.checkpoints", resume="auto",
                         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, seed=args.seed)
                 results["training_s"][key] = results["training_s"].get(key, 0.0) + time.perf_counter() - started
             seconds = results["training_s"].get(key, 0.0) if point else 0.0

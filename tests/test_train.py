@@ -122,6 +122,33 @@ def test_ctrl_c_then_resume_equals_uninterrupted(trained_teacher, tmp_path):
     assert not torch.equal(straight.transformer.h[1].mlp.c_fc.A, base.transformer.h[1].mlp.c_fc.A)
 
 
+def test_factor_lr_trains_as_adamw_with_the_factors_in_their_own_group(kngpt2, tmp_path):
+    """fit(factor_lr=F) ends where torch's AdamW does with the factors (A, B, A_t) at F and every other weight at
+    the base LR: 3 steps of CE on one batch, constant LR, no clipping, no dropout (one LR for all would differ)."""
+    lr, factor_lr = FAST["learning_rate"], 10 * FAST["learning_rate"]
+    student = copy.deepcopy(kngpt2).train()
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    reference = copy.deepcopy(student)
+    batch = _blocks(4, seed=2)
+    fit(student, batch, tmp_path, kd="none", collator=default_data_collator, factor_lr=factor_lr, max_steps=3,
+        lr_scheduler_type="constant", max_grad_norm=0.0, **FAST)
+
+    named = dict(reference.named_parameters())
+    factors = [p for name, p in named.items() if name.rsplit(".", 1)[-1] in ("A", "B", "A_t")]
+    rest = [p for name, p in named.items() if name.rsplit(".", 1)[-1] not in ("A", "B", "A_t")]
+    assert factors and rest
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": factors, "lr": factor_lr}], weight_decay=0.0)
+    inputs = default_data_collator(list(batch))
+    for _ in range(3):
+        reference(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, expected), trained in zip(reference.state_dict().items(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(trained, expected, rtol=0, atol=2e-5, msg=name)
+
+
 def _token_nll(model, ids: torch.Tensor) -> np.ndarray:
     """-log p(ids[t] | ids[:t]) for t >= 1, in float64, from one forward pass."""
     with torch.no_grad():
@@ -195,6 +222,9 @@ def test_cli_bad_input_exits_2(tiny_teacher_dir, data_dir, tmp_path, monkeypatch
     code, err = _main(monkeypatch, capsys, "distill", "--student", str(tmp_path / "none.pt"), "--teacher",
                       str(tiny_teacher_dir), "--data", str(data_dir / "sotu"), "--out", str(tmp_path / "x"))
     assert code == 2 and "no such file" in err
+    code, err = _main(monkeypatch, capsys, "distill", "--student", str(tiny_teacher_dir), "--data",
+                      str(data_dir / "sotu"), "--out", str(tmp_path / "x"), "--kd", "none", "--factor-lr", "0")
+    assert code == 2 and "--factor-lr" in err and "is not above 0" in err
     code, err = _main(monkeypatch, capsys, "eval-lm", str(tiny_teacher_dir), "--data", str(tmp_path / "nope.txt"))
     assert code == 2 and "no such file" in err
     assert not (tmp_path / "x").exists()

@@ -49,8 +49,9 @@ class LMPerplexity:
 def distill(
     student: ModelSource, data: str | Dataset, *, teacher: ModelSource | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None, kd: str = "ilkd", alphas: Alphas = None,
-    temperature: float = 2.0, block_size: int = 256, batch_size: int = 8, lr: float = 1e-4, epochs: float = 1.0,
-    max_steps: int = -1, max_samples: int | None = None, fraction: float | None = None, grad_accum: int = 1,
+    temperature: float = 2.0, block_size: int = 256, batch_size: int = 8, lr: float = 1e-4,
+    factor_lr: float | None = None, epochs: float = 1.0, max_steps: int = -1, max_samples: int | None = None,
+    fraction: float | None = None, grad_accum: int = 1,
     logging_steps: int = 10, save_steps: int = 500, out: str | Path | None = None,
     checkpoints: str | Path | None = None, resume: bool | Literal["auto"] = False, overwrite: bool = False,
     seed: int = 0, precision: str = "fp32", log: Log = print, **trainer_options: Any,
@@ -60,7 +61,8 @@ def distill(
     `data`: text (a .txt/.raw file, a folder of them, or hub `dataset:config`) cut into blocks of `block_size`
     tokens, at most `max_samples` blocks from the first `fraction` of its rows; or a Dataset of blocks
     (input_ids, attention_mask, labels), used as given. `tokenizer` (default: the student's, else the
-    teacher's) tokenises text and is saved with the student to `out`. Checkpoints go to `checkpoints` (default
+    teacher's) tokenises text and is saved with the student to `out`. `factor_lr`: the Kronecker factors' peak
+    learning rate (default `lr`, as every other weight). Checkpoints go to `checkpoints` (default
     OUT.checkpoints; without `out`, a temporary folder); `resume` continues from the last complete one there
     (True: there must be one; "auto": if there is). Extra `trainer_options` go to TrainingArguments
     (lr_scheduler_type, warmup_ratio, save_strategy, ...) or to `fit` (callbacks). Ctrl-C or SIGTERM stops at a
@@ -68,6 +70,7 @@ def distill(
     """
     recipe = _kd_recipe(kd, alphas, teacher, finetune=False)
     check_positive(block_size=block_size)
+    _check_above_zero(factor_lr=factor_lr)
     options = _training_options(batch_size, lr, epochs, max_steps, grad_accum, logging_steps, save_steps, seed,
                                 precision, temperature, **trainer_options)
     if out is not None:
@@ -85,7 +88,7 @@ def distill(
     log(f"{len(blocks):,} blocks of {len(blocks[0]['input_ids'])} tokens; kd={kd} {_describe(kd, recipe)}")
     return _train(model, blocks, out, tokenizer, checkpoints, overwrite, log,
                   teacher=teacher_model if kd != "none" else None, kd=kd, recipe=recipe, temperature=temperature,
-                  resume=resume, **options)
+                  factor_lr=factor_lr, resume=resume, **options)
 
 
 def finetune(
@@ -219,14 +222,19 @@ def _training_options(batch_size: int, lr: float, epochs: float, max_steps: int,
                       **trainer_options: Any) -> dict[str, Any]:
     """The recipes' common settings, checked, as `fit` options (TrainingArguments fields)."""
     check_positive(batch_size=batch_size, grad_accum=grad_accum, logging_steps=logging_steps, save_steps=save_steps)
-    for name, value in {"lr": lr, "epochs": epochs, "temperature": temperature}.items():
-        if not value > 0:
-            raise KninferError(f"{name} must be above 0, got {value!r}")
+    _check_above_zero(lr=lr, epochs=epochs, temperature=temperature)
     if precision not in PRECISIONS:
         raise KninferError(f"unknown --precision '{precision}': expected one of {', '.join(PRECISIONS)}")
     return {"seed": seed, **PRECISIONS[precision], "per_device_train_batch_size": batch_size, "learning_rate": lr,
             "num_train_epochs": epochs, "max_steps": max_steps, "gradient_accumulation_steps": grad_accum,
             "logging_steps": logging_steps, "save_steps": save_steps, **trainer_options}
+
+
+def _check_above_zero(**values: float | None) -> None:
+    """Refuse a value of 0 or less (a learning rate, a temperature, a number of epochs); None is not given."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise KninferError(f"{name} must be above 0, got {value!r}")
 
 
 def _fits_context(model: PreTrainedModel, option: str, length: int) -> None:

@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from kninfer.errors import KninferError
+from kninfer.kron import KroneckerEmbedding, KroneckerLinear
 from kninfer.modeling.families import dims
 from kninfer.train.losses import TERMS, Recipe, kd_terms, loss_terms
 
@@ -108,11 +110,14 @@ class DistillTrainer(Trainer):
     `recipe` says (default: every term weighted 1, ILKD's hidden term relative).
 
     A loss of several terms also logs each one (`loss_<term>`); a single term logs only `loss`, as Trainer does.
+    With `factor_lr`, the Kronecker factors train at that peak learning rate and the rest at the arguments' one.
     """
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None = None, kd: str = "none",
-                 recipe: Recipe | None = None, temperature: float = 2.0, **kwargs: Any) -> None:
+                 recipe: Recipe | None = None, temperature: float = 2.0, factor_lr: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.factor_lr = factor_lr
         terms = kd_terms(kd)
         if kd != "none" and teacher is None:
             raise KninferError(f"--kd {kd} needs a teacher")
@@ -151,6 +156,20 @@ class DistillTrainer(Trainer):
             self._term_steps += 1
         return (loss, outputs) if return_outputs else loss
 
+    def create_optimizer(self):
+        """Trainer's optimizer; with `factor_lr`, each of its groups split in two: the factors at `factor_lr`."""
+        optimizer = super().create_optimizer()
+        if self.factor_lr is None:
+            return optimizer
+        factors = {id(p) for p in factor_parameters(self.model)}
+        groups, optimizer.param_groups = optimizer.param_groups, []
+        for group in groups:
+            for factor in (False, True):
+                params = [p for p in group["params"] if (id(p) in factors) == factor]
+                if params:
+                    optimizer.add_param_group(group | {"params": params} | ({"lr": self.factor_lr} if factor else {}))
+        return optimizer
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add each loss term, averaged over the steps since the last log and over the processes."""
         if "loss" in logs and self._term_steps:
@@ -161,6 +180,12 @@ class DistillTrainer(Trainer):
             logs |= {f"loss_{n}": round(v, 6) for n, v in zip(names, means.tolist(), strict=True)}
             self._term_sums, self._term_steps = {}, 0
         super().log(logs, *args, **kwargs)
+
+
+def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The Kronecker factors of `model`'s factored layers (their biases are not factors)."""
+    return [param for module in model.modules() if isinstance(module, KroneckerLinear | KroneckerEmbedding)
+            for name, param in module.named_parameters(recurse=False) if name != "bias"]
 
 
 def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
@@ -175,12 +200,13 @@ def _check_pairable(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 
 
 def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: PreTrainedModel | None = None,
-        kd: str = "none", recipe: Recipe | None = None, temperature: float = 2.0,
+        kd: str = "none", recipe: Recipe | None = None, temperature: float = 2.0, factor_lr: float | None = None,
         collator: Any = None, eval_dataset: Any = None, resume: bool | Literal["auto"] = False,
         callbacks: list[TrainerCallback] | None = None, tokenizer: Any = None, **options: Any) -> DistillTrainer:
     """Train `model` in place on `dataset`, checkpointing under `checkpoints`; `options` go to TrainingArguments.
 
     With `tokenizer`, each checkpoint-N folder holds it too: a checkpoint loads, fine-tunes and exports as a model.
+    `factor_lr`: the Kronecker factors' peak learning rate (default: the `learning_rate` option, as the rest).
 
     With `resume`, training continues from the last complete `checkpoint-N` there (same optimizer, scheduler,
     RNG and data position): True requires one, "auto" uses one if there is. `eval_dataset` is scored by the
@@ -193,7 +219,8 @@ def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: Pre
     args = TrainingArguments(output_dir=str(checkpoints), **(defaults | options))
     trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                              data_collator=collator or default_data_collator, callbacks=callbacks,
-                             processing_class=tokenizer, teacher=teacher, kd=kd, recipe=recipe, temperature=temperature)
+                             processing_class=tokenizer, teacher=teacher, kd=kd, recipe=recipe, temperature=temperature,
+                             factor_lr=factor_lr)
     checkpoint = last_checkpoint(checkpoints) if resume else None
     if resume is True and checkpoint is None:
         raise KninferError(f"--resume: no complete checkpoint-N folder in '{checkpoints}'")

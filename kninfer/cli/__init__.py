@@ -29,9 +29,9 @@ OverwriteOption = Annotated[bool, typer.Option(help="Write into an existing fold
 TRAINING_MODULES = {"torch", "transformers", "datasets", "onnx", "optimum", "accelerate", "safetensors", "scipy"}
 
 
-def above_zero(value: float) -> float:
+def above_zero(value: float | None) -> float | None:
     """Option callback: refuse a value of 0 or less (a learning rate, a temperature, a number of epochs)."""
-    if value <= 0:
+    if value is not None and value <= 0:
         raise typer.BadParameter(f"{value:g} is not above 0")
     return value
 

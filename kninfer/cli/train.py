@@ -67,6 +67,8 @@ def distill(
     block_size: Annotated[int, typer.Option(help="Tokens per training block.", min=2)] = 256,
     batch_size: Annotated[int, typer.Option(help="Blocks per device per step.", min=1)] = 8,
     lr: LearningRate = 1e-4,
+    factor_lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate of the Kronecker factors alone (default: --lr).", callback=above_zero)] = None,
     epochs: Annotated[float, typer.Option(help="Passes over the data (when --max-steps is -1).",
                                           callback=above_zero)] = 1.0,
     max_steps: MaxSteps = -1,
@@ -86,10 +88,10 @@ def distill(
 
     with _resumable():
         run(student, data, teacher=teacher, kd=kd, alphas=_alphas(alphas), temperature=temperature,
-            block_size=block_size, batch_size=batch_size, lr=lr, epochs=epochs, max_steps=max_steps,
-            max_samples=max_samples, fraction=fraction, grad_accum=grad_accum, logging_steps=logging_steps,
-            save_steps=save_steps, out=out, checkpoints=checkpoints, resume=resume, overwrite=overwrite, seed=seed,
-            precision=precision, log=console.print)
+            block_size=block_size, batch_size=batch_size, lr=lr, factor_lr=factor_lr, epochs=epochs,
+            max_steps=max_steps, max_samples=max_samples, fraction=fraction, grad_accum=grad_accum,
+            logging_steps=logging_steps, save_steps=save_steps, out=out, checkpoints=checkpoints, resume=resume,
+            overwrite=overwrite, seed=seed, precision=precision, log=console.print)
 
 
 def finetune(
