@@ -193,7 +193,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Quality after equal training: {protocol['teacher']}", "",
              f"Students (a sized preset's --ratio after its name) distilled on {protocol['data']} "
              f"(batch {protocol['batch_size']} × {protocol['window']} tokens, LR {protocol['lr']:g} "
-             f"{protocol['schedule']} of {protocol['warmup_steps']} steps, seed {protocol['seed']}); perplexity on "
+             + (f"(factors {protocol['factor_lr']:g}) " if "factor_lr" in protocol else "")
+             + f"{protocol['schedule']} of {protocol['warmup_steps']} steps, seed {protocol['seed']}); perplexity on "
              f"the first {protocol['tokens']:,} tokens of each test text, windows of {protocol['window']}.", "",
              "| student | init | loss | parameters | of teacher | tokens seen | training time | " + " | ".join(tests)
              + " |", "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(tests)]
