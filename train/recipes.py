@@ -51,10 +51,9 @@ def distill(
     tokenizer: PreTrainedTokenizerBase | None = None, kd: str = "ilkd", alphas: Alphas = None,
     temperature: float = 2.0, block_size: int = 256, batch_size: int = 8, lr: float = 1e-4,
     factor_lr: float | None = None, epochs: float = 1.0, max_steps: int = -1, max_samples: int | None = None,
-    fraction: float | None = None, grad_accum: int = 1,
-    logging_steps: int = 10, save_steps: int = 500, out: str | Path | None = None,
-    checkpoints: str | Path | None = None, resume: bool | Literal["auto"] = False, overwrite: bool = False,
-    seed: int = 0, precision: str = "fp32", log: Log = print, **trainer_options: Any,
+    fraction: float | None = None, grad_accum: int = 1, logging_steps: int = 10, save_steps: int = 500,
+    out: str | Path | None = None, checkpoints: str | Path | None = None, resume: bool | Literal["auto"] = False,
+    overwrite: bool = False, seed: int = 0, precision: str = "fp32", log: Log = print, **trainer_options: Any,
 ) -> PreTrainedModel:
     """Pre-train a compressed student by distilling a teacher (ILKD by default, as the paper) and return it.
 
