@@ -149,6 +149,14 @@ def test_factor_lr_trains_as_adamw_with_the_factors_in_their_own_group(kngpt2, t
         torch.testing.assert_close(trained, expected, rtol=0, atol=2e-5, msg=name)
 
 
+def test_resume_without_the_factor_lr_of_the_checkpoint_is_one_line(kngpt2, tmp_path):
+    """A checkpoint written with factor_lr resumed without it (its optimizer has other groups): a KninferError."""
+    options = dict(FAST, save_strategy="steps", save_steps=1, max_steps=1)
+    fit(copy.deepcopy(kngpt2), _blocks(4), tmp_path, kd="none", factor_lr=1e-2, **options)
+    with pytest.raises(KninferError, match="same --factor-lr"):
+        fit(copy.deepcopy(kngpt2), _blocks(4), tmp_path, kd="none", resume=True, **dict(options, max_steps=2))
+
+
 def _token_nll(model, ids: torch.Tensor) -> np.ndarray:
     """-log p(ids[t] | ids[:t]) for t >= 1, in float64, from one forward pass."""
     with torch.no_grad():

@@ -224,7 +224,13 @@ def fit(model: PreTrainedModel, dataset: Any, checkpoints: Path, *, teacher: Pre
     checkpoint = last_checkpoint(checkpoints) if resume else None
     if resume is True and checkpoint is None:
         raise KninferError(f"--resume: no complete checkpoint-N folder in '{checkpoints}'")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except ValueError as error:
+        if "number of parameter groups" not in str(error):
+            raise
+        raise KninferError(f"'{checkpoint}' was trained with{'out' if factor_lr else ''} a separate factor LR: "
+                           "resume it with the same --factor-lr setting") from None
     if trainer.interrupt.requested:
         raise TrainingInterrupted(trainer.state.global_step, Path(checkpoints))
     return trainer
