@@ -84,6 +84,8 @@ def run_demo(out: Path, teacher_source: str | None, data: str | None, steps: int
         log(f"{text} [{time.perf_counter() - started:.0f} s]")
 
     step("[1/5] compress: kngpt2 preset, tied Kronecker head")
+    # Van Loan's init: fitted to the sampled text instead (`calibration=`, the first 8,192 tokens), the student
+    # measured no better (held-out 655.8 before distillation and 469.1 after, against 644.4 and 472.2)
     student, _ = compress(teacher, "kngpt2", tie_head=True)
     rows = [ModelRow("teacher (dense)", count_parameters(teacher), None, None, ppl(teacher)),
             ModelRow("kngpt2, before distillation", count_parameters(student), None, None, ppl(student))]
