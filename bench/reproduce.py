@@ -30,7 +30,8 @@ Full-run sizes (FULL), for a few hours on 2 CPU cores:
   tokens; the whole dev split; 40 fine-tunings (25 for Table 5, 15 more for the ablation).
 --short keeps the teacher and shrinks the rest (students 150 steps, 40k evaluation tokens, GLUE 500 rows for 2
 epochs). Measured on the shared 2-core machine, `--short --ablation-tasks sst2` took 92.5 min (teacher 43,
-students 33, perplexity 3, GLUE 14); scaled from those stage times the full run takes about 3 hours. The run's
+students 33, perplexity 3, GLUE 14), and 76.2 min with kninfer's recipe as a sixth student on a quieter machine;
+scaled from those stage times the full run takes about 3 hours. The run's
 real wall time is printed and stored with the results.
 """
 
