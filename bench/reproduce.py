@@ -404,7 +404,8 @@ def findings(t: dict[str, Any]) -> list[str]:
 
 def differences(sizes: dict[str, Any], results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """Every way this setup differs from the paper's."""
-    s, teacher = sizes, results["teacher"]
+    s, teacher, own = sizes, results["teacher"], results["lm/kngpt2-ilkd-kninfer"]
+    own_weights = ", ".join(f"{term} {weight:g}" for term, weight in own["alphas"].items())
     student_tokens = s["student_steps"] * s["student_batch"] * s["block_size"]
     missing = sorted(set(TASKS) - set(args.tasks))
     left_out = f", and so are {', '.join(missing)} in this run" if missing else ""
@@ -434,7 +435,7 @@ def differences(sizes: dict[str, Any], results: dict[str, Any], args: argparse.N
         "Loss weights: ILKD pre-training 0.5/0.5/0.5/0.1 (embedding/attention/hidden/CE), fine-tuning "
         "0.5/0.5/0.5/0.02, vanilla KD 0.5/0.5 at temperature 2 (kninfer.train.losses); KD only sets the CE "
         "weight to 0. The row 'kninfer's recipe' pre-trains with kninfer's default ILKD instead: hidden states by "
-        "relative error ‖s − t‖² / ‖t‖² per position, mean over layers, plus CE, weights 0/0/1/1.",
+        f"{own['hidden']} error (‖s − t‖² / ‖t‖² per position, mean over layers), weights {own_weights}.",
         f"GLUE: a seeded random sample of {s['glue_rows']:,} training rows of each task ({s['glue_epochs']:g} "
         f"epoch(s), batch {s['glue_batch']}, LR {s['glue_lr']}, inputs truncated to {s['glue_max_length']} tokens), "
         "the whole dev split, one seed, no hyper-parameter search; score = GLUE's per-task convention (MRPC mean "
