@@ -1,6 +1,6 @@
 """The KnGPT2 paper's tables in miniature: a GPT-2 teacher trained here vs DistilGPT2-style and KnGPT2 students.
 
-    python bench/reproduce.py                      # the full run (sizes below): a few hours on 2 CPU cores
+    python bench/reproduce.py                      # the full run (sizes below): about 2.5 hours on 2 CPU cores
     python bench/reproduce.py --short              # same teacher, half the student budget: about 1.5 hours
     python bench/reproduce.py --quick              # every stage with tiny sizes, in minutes: a smoke test
     python bench/reproduce.py --device cuda        # the same sizes on a GPU
@@ -30,9 +30,9 @@ Full-run sizes (FULL), for a few hours on 2 CPU cores:
   tokens; the whole dev split; 40 fine-tunings (25 for Table 5, 15 more for the ablation).
 --short keeps the teacher and shrinks the rest (students 150 steps, 40k evaluation tokens, GLUE 500 rows for 2
 epochs). Measured on the shared 2-core machine, `--short --ablation-tasks sst2` took 92.5 min (teacher 43,
-students 33, perplexity 3, GLUE 14), and 76.2 min with kninfer's recipe as a sixth student on a quieter machine;
-scaled from those stage times the full run takes about 3 hours. The run's
-real wall time is printed and stored with the results.
+students 33, perplexity 3, GLUE 14), and 76.2 min with kninfer's recipe as a sixth student on a quieter machine.
+The full run with `--ablation-tasks sst2` took 137.8 min there (teacher 32, six students 67, perplexity 7, GLUE 32);
+the ablation on all five tasks adds about 20 min. The run's real wall time is printed and stored with the results.
 """
 
 from __future__ import annotations
