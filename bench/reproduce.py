@@ -20,7 +20,7 @@ training resumes from its last checkpoint):
 6. bench/results/paper-miniature.{json,md,png} (with --short: paper-miniature-short; with --quick: in the work
    folder, named paper-miniature-quick).
 
-Full-run sizes (FULL), for a few hours on 2 CPU cores:
+Full-run sizes (FULL), for about 2.5 hours on 2 CPU cores:
 - teacher: 6 layers, d 256, 4 heads, context 256, BPE vocabulary 9,216 (7.16M parameters); 800 steps × 16 blocks
   × 256 tokens = 3.3M tokens (about two passes over sotu train), LR 1e-3, cosine schedule with 5% warm-up;
 - students: KnGPT2 4,804,646 and Distil 4,794,624 parameters (+0.21%); 300 steps × 16 × 256 = 1.2M tokens
